@@ -1,0 +1,42 @@
+"""The one Settings object: every knob of the control plane, with its default, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+LB_POLICIES = ("RANDOM", "ROUND_ROBIN", "LEAST_REQUEST")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Where configuration comes from: manifest files or directories (the embedded default).
+    manifests: tuple[Path, ...] = ()
+
+    # Serving.
+    xds_host: str = "127.0.0.1"
+    xds_port: int = 18000
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = None
+
+    # Translation defaults.
+    lb_policy: str = "RANDOM"
+    connect_timeout_s: float = 1.0
+    cluster_domain: str = "cluster.local"
+    listener_address: str = "0.0.0.0"
+    listener_port_offset: int = 0
+
+    # Event coalescing: a rebuild waits for `debounce_quiet_s` without new events, but never longer
+    # than `debounce_max_s` after the first event of a burst.
+    debounce_quiet_s: float = 0.01
+    debounce_max_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lb_policy not in LB_POLICIES:
+            raise ValueError(f"lb_policy {self.lb_policy!r} is not one of {', '.join(LB_POLICIES)}")
+        if self.connect_timeout_s <= 0:
+            raise ValueError("connect_timeout_s must be positive")
+        if not 0 <= self.listener_port_offset < 65535:
+            raise ValueError("listener_port_offset must be in [0, 65535)")
+        if self.debounce_quiet_s < 0 or self.debounce_max_s < self.debounce_quiet_s:
+            raise ValueError("need 0 <= debounce_quiet_s <= debounce_max_s")
