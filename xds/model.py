@@ -1,8 +1,8 @@
 """The mesh as the control plane sees it: immutable Services and their endpoints.
 
-Sources (manifest files, the Kubernetes API) build these plain frozen dataclasses; translation reads
-them and never anything else. Being frozen and made of tuples, every value compares by content, which
-is what lets translation skip a Service whose inputs did not change.
+Sources (manifest files, the Kubernetes API) build these plain frozen dataclasses; translation
+reads them and never anything else. Being frozen and made of tuples, every value compares by
+content, which is what lets translation skip a Service whose inputs did not change.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Service:
 
 @dataclass(frozen=True, slots=True)
 class EndpointPort:
-    """A port of an EndpointSlice (or an Endpoints subset): named after the Service port it serves."""
+    """A port of an EndpointSlice or Endpoints subset: named after the Service port it serves."""
 
     port: int
     name: str = ""

@@ -1,0 +1,198 @@
+"""The state-of-the-world stream state machine, driven by hand-made requests and snapshots."""
+
+from __future__ import annotations
+
+from xds._pb.envoy.service.discovery.v3 import discovery_pb2
+from xds.cache import Snapshot
+from xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource
+from xds.server.protocol import Response, SotwStream
+
+
+def snapshot(**by_type: dict[str, bytes]) -> Snapshot:
+    urls = {"cds": CLUSTER, "eds": ENDPOINT, "lds": LISTENER, "rds": ROUTE}
+    return Snapshot.build(
+        {
+            urls[short]: {
+                name: Resource.from_bytes(urls[short], name, body) for name, body in items.items()
+            }
+            for short, items in by_type.items()
+        }
+    )
+
+
+def request(
+    type_url: str,
+    names: tuple[str, ...] = (),
+    version: str = "",
+    nonce: str = "",
+    error: str | None = None,
+    node_id: str = "",
+) -> discovery_pb2.DiscoveryRequest:
+    req = discovery_pb2.DiscoveryRequest(
+        type_url=type_url, resource_names=names, version_info=version, response_nonce=nonce
+    )
+    if error is not None:
+        req.error_detail.message = error
+    if node_id:
+        req.node.id = node_id
+    return req
+
+
+def names(response: Response) -> list[str]:
+    return [r.name for r in response.resources]
+
+
+def ack(stream: SotwStream, response: Response, snap: Snapshot, names_: tuple[str, ...] = ()):
+    return stream.on_request(
+        request(response.type_url, names_, response.version, response.nonce), snap
+    )
+
+
+def test_legacy_wildcard_cds_gets_every_cluster_and_the_type_version():
+    snap = snapshot(cds={"a": b"1", "b": b"2"})
+    stream = SotwStream()
+    [response] = stream.on_request(request(CLUSTER, node_id="n1"), snap)
+    assert names(response) == ["a", "b"]
+    assert response.version == snap.version(CLUSTER)
+    assert stream.node_id == "n1"
+
+
+def test_encoded_response_parses_as_a_discovery_response():
+    snap = snapshot(cds={"a": b""})
+    [response] = SotwStream().on_request(request(CLUSTER), snap)
+    parsed = discovery_pb2.DiscoveryResponse.FromString(response.encode())
+    assert parsed.version_info == response.version
+    assert parsed.nonce == response.nonce
+    assert parsed.type_url == CLUSTER
+    assert [r.type_url for r in parsed.resources] == [CLUSTER]
+    assert parsed.control_plane.identifier
+
+
+def test_ack_then_unchanged_snapshot_sends_nothing_and_a_change_sends_again():
+    snap = snapshot(cds={"a": b"1"})
+    stream = SotwStream()
+    [first] = stream.on_request(request(CLUSTER), snap)
+    assert ack(stream, first, snap) == []
+    assert stream.types[CLUSTER].acked_version == first.version
+    assert stream.on_snapshot(snap) == []
+    changed = snapshot(cds={"a": b"2"})
+    [second] = stream.on_snapshot(changed)
+    assert second.version == changed.version(CLUSTER) != first.version
+    assert second.nonce != first.nonce
+
+
+def test_nack_is_recorded_and_the_rejected_version_is_not_sent_again():
+    snap = snapshot(cds={"a": b"bad"})
+    stream = SotwStream()
+    [response] = stream.on_request(request(CLUSTER), snap)
+    replies = stream.on_request(
+        request(CLUSTER, version="", nonce=response.nonce, error="invalid cluster a"), snap
+    )
+    assert replies == []
+    nack = stream.types[CLUSTER].nack
+    assert nack is not None and nack.message == "invalid cluster a"
+    assert nack.version == response.version
+    assert stream.on_snapshot(snap) == []
+    [fixed] = stream.on_snapshot(snapshot(cds={"a": b"good"}))
+    ack(stream, fixed, snap)
+    assert stream.types[CLUSTER].nack is None
+    assert stream.types[CLUSTER].nacks == 1
+
+
+def test_eds_sends_only_subscribed_names_and_answers_names_not_yet_known():
+    snap = snapshot(eds={"a": b"1", "b": b"2"})
+    stream = SotwStream()
+    [response] = stream.on_request(request(ENDPOINT, ("a", "later")), snap)
+    assert names(response) == ["a"]
+    ack(stream, response, snap, ("a", "later"))
+    [update] = stream.on_snapshot(snapshot(eds={"a": b"1", "b": b"2", "later": b"3"}))
+    assert names(update) == ["a", "later"]
+
+
+def test_unrelated_eds_change_does_not_wake_a_subscriber():
+    snap = snapshot(eds={"a": b"1", "b": b"2"})
+    stream = SotwStream()
+    [response] = stream.on_request(request(ENDPOINT, ("a",)), snap)
+    ack(stream, response, snap, ("a",))
+    assert stream.on_snapshot(snapshot(eds={"a": b"1", "b": b"changed"})) == []
+
+
+def test_at_most_one_unacked_response_per_type_and_changes_are_merged():
+    stream = SotwStream()
+    [first] = stream.on_request(request(CLUSTER), snapshot(cds={"a": b"1"}))
+    assert stream.on_snapshot(snapshot(cds={"a": b"2"})) == []
+    latest = snapshot(cds={"a": b"3", "b": b"1"})
+    assert stream.on_snapshot(latest) == []
+    [merged] = ack(stream, first, latest)
+    assert merged.version == latest.version(CLUSTER)
+    assert names(merged) == ["a", "b"]
+
+
+def test_stale_nonce_is_ignored_unless_the_subscription_changes():
+    snap = snapshot(eds={"a": b"1", "b": b"2"})
+    stream = SotwStream()
+    [first] = stream.on_request(request(ENDPOINT, ("a",)), snap)
+    ack(stream, first, snap, ("a",))
+    [second] = stream.on_snapshot(snapshot(eds={"a": b"9", "b": b"2"}))
+    newer = snapshot(eds={"a": b"9", "b": b"2"})
+    # A request answering the first response, arriving after the second was sent: stale.
+    assert stream.on_request(request(ENDPOINT, ("a",), first.version, first.nonce), newer) == []
+    # The same stale nonce with a new name: the subscription is honoured once the pending
+    # response is acknowledged.
+    assert stream.on_request(request(ENDPOINT, ("a", "b"), first.version, first.nonce), newer) == []
+    [answer] = ack(stream, second, newer, ("a", "b"))
+    assert names(answer) == ["a", "b"]
+
+
+def test_first_request_with_a_version_from_another_server_is_answered():
+    snap = snapshot(cds={"a": b"1"})
+    stream = SotwStream()
+    [response] = stream.on_request(
+        request(CLUSTER, version=snap.version(CLUSTER), nonce="77"), snap
+    )
+    assert names(response) == ["a"]
+
+
+def test_snapshot_responses_go_in_ads_order():
+    first = snapshot(cds={"c": b"1"}, eds={"c": b"1"}, lds={"l": b"1"}, rds={"r": b"1"})
+    stream = SotwStream()
+    for type_url, subscribed in (
+        (ROUTE, ("r",)),
+        (LISTENER, ()),
+        (ENDPOINT, ("c",)),
+        (CLUSTER, ()),
+    ):
+        [response] = stream.on_request(request(type_url, subscribed), first)
+        ack(stream, response, first, subscribed)
+    second = snapshot(cds={"c": b"2"}, eds={"c": b"2"}, lds={"l": b"2"}, rds={"r": b"2"})
+    assert [r.type_url for r in stream.on_snapshot(second)] == [CLUSTER, ENDPOINT, LISTENER, ROUTE]
+
+
+def test_removed_cluster_stays_until_the_routes_moving_away_from_it_are_acked():
+    before = snapshot(cds={"old": b"1"}, rds={"r": b"to-old"})
+    stream = SotwStream()
+    [cds] = stream.on_request(request(CLUSTER), before)
+    ack(stream, cds, before)
+    [rds] = stream.on_request(request(ROUTE, ("r",)), before)
+    ack(stream, rds, before, ("r",))
+
+    after = snapshot(cds={"new": b"1"}, rds={"r": b"to-new"})
+    cds_union, rds_new = stream.on_snapshot(after)
+    assert names(cds_union) == ["new", "old"]
+    assert rds_new.type_url == ROUTE
+    assert ack(stream, cds_union, after) == []  # routes not acked yet: "old" must stay
+    [cds_final] = ack(stream, rds_new, after, ("r",))
+    assert cds_final.type_url == CLUSTER
+    assert names(cds_final) == ["new"]
+    assert cds_final.version == after.version(CLUSTER)
+
+
+def test_explicit_wildcard_and_legacy_wildcard_ends_with_first_explicit_name():
+    snap = snapshot(lds={"a": b"1", "b": b"2"})
+    stream = SotwStream()
+    [response] = stream.on_request(request(LISTENER, ("*",)), snap)
+    assert names(response) == ["a", "b"]
+    other = SotwStream()
+    [legacy] = other.on_request(request(LISTENER), snap)
+    [explicit] = other.on_request(request(LISTENER, ("a",), legacy.version, legacy.nonce), snap)
+    assert names(explicit) == ["a"]

@@ -1,0 +1,141 @@
+"""Wiring: source -> debounce -> translate -> cache -> servers, and the ordered shutdown.
+
+This is the one place that knows every stage. Events from the source only mark the mesh dirty; a
+single rebuild task coalesces bursts (a quiet period, bounded by a maximum delay) and runs
+translation off the event loop so streams keep being served while it works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+
+from xds.admin import make_app, start_admin
+from xds.cache import Cache
+from xds.config import Settings
+from xds.model import Problem
+from xds.server.service import DiscoveryServer, start_server
+from xds.sources.files import ManifestSource
+from xds.translate import Translation, Translator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Ports:
+    xds: int
+    admin: int | None
+
+
+class ControlPlane:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.source = ManifestSource(list(settings.manifests))
+        self.translator = Translator(settings)
+        self.cache = Cache()
+        self.server = DiscoveryServer(self.cache)
+        self.ready = False
+        self.rebuilds = 0
+        self.last_translation: Translation | None = None
+        self._dirty = asyncio.Event()
+        self._logged_problems: set[Problem] = set()
+        self._grpc: grpc.aio.Server | None = None
+        self._admin: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def problems(self) -> list[Problem]:
+        translation = self.last_translation.problems if self.last_translation else ()
+        return [*self.source.problems(), *translation]
+
+    async def start(self) -> Ports:
+        """Loads the source, publishes the first snapshot, then opens the servers."""
+        self.source.reload()
+        await self.rebuild()
+        self._grpc, xds_port = await start_server(
+            self.server, self.settings.xds_host, self.settings.xds_port
+        )
+        admin_port = None
+        if self.settings.admin_port is not None:
+            app = make_app(self.cache, self.server, lambda: self.ready, self.problems)
+            self._admin, admin_port = await start_admin(
+                app, self.settings.admin_host, self.settings.admin_port
+            )
+        self._tasks = [
+            asyncio.create_task(self.source.watch(self._dirty.set), name="source-watch"),
+            asyncio.create_task(self._rebuild_loop(), name="rebuild"),
+        ]
+        return Ports(xds_port, admin_port)
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        """Stops intake first, then the servers, so no stream sees a half-stopped pipeline."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._grpc is not None:
+            await self._grpc.stop(grace_s)
+        if self._admin is not None:
+            await self._admin.cleanup()
+
+    async def rebuild(self) -> None:
+        mesh = self.source.mesh()
+        started = time.perf_counter()
+        translation = await asyncio.to_thread(self.translator.translate, mesh)
+        elapsed = time.perf_counter() - started
+        self.last_translation = translation
+        self._log_new_problems(translation.problems)
+        if self.cache.publish(translation.resources):
+            self.ready = True
+        self.rebuilds += 1
+        log.debug(
+            "rebuild %d: %d services, %d translated afresh, %.1f ms",
+            self.rebuilds,
+            len(mesh),
+            translation.translated,
+            elapsed * 1000,
+        )
+
+    def _log_new_problems(self, problems: tuple[Problem, ...]) -> None:
+        current = set(problems)
+        for problem in sorted(current - self._logged_problems, key=str):
+            (log.error if problem.severity == "error" else log.warning)("%s", problem)
+        self._logged_problems = current
+
+    async def _rebuild_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        quiet, longest = self.settings.debounce_quiet_s, self.settings.debounce_max_s
+        while True:
+            await self._dirty.wait()
+            deadline = loop.time() + longest
+            while True:
+                self._dirty.clear()
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self._dirty.wait(), timeout=min(quiet, remaining))
+                except TimeoutError:
+                    break
+            self._dirty.clear()
+            try:
+                await self.rebuild()
+            except Exception:
+                # A bug in translation must not stop the control plane: the last snapshot stays.
+                log.exception("rebuild failed; still serving the previous snapshot")
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    plane = ControlPlane(settings)
+    ports = await plane.start()
+    log.info("serving xDS on %s:%d", settings.xds_host, ports.xds)
+    try:
+        await stop.wait()
+    finally:
+        await plane.stop()

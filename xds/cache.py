@@ -1,0 +1,92 @@
+"""Versioned snapshots of resources, their consistency check, and the signal that wakes streams.
+
+A Snapshot is immutable: streams read whichever one was current when they woke, and never see one
+half-published. The cache refuses a snapshot that would leave Envoy waiting for a resource that
+does not exist (a cluster without its endpoints, a listener without its routes) and keeps the last
+good one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from xds.resources import ADS_ORDER, Resource, type_version
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    resources: Mapping[str, Mapping[str, Resource]] = field(default_factory=dict)
+    versions: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, resources: Mapping[str, Mapping[str, Resource]]) -> Snapshot:
+        frozen = {url: MappingProxyType(dict(items)) for url, items in resources.items()}
+        versions = {url: type_version(items.values()) for url, items in frozen.items()}
+        return cls(MappingProxyType(frozen), MappingProxyType(versions))
+
+    def of_type(self, type_url: str) -> Mapping[str, Resource]:
+        return self.resources.get(type_url, MappingProxyType({}))
+
+    def version(self, type_url: str) -> str:
+        return self.versions.get(type_url, "")
+
+    def inconsistencies(self) -> list[str]:
+        """Every reference to a resource that the snapshot does not hold, as readable lines."""
+        missing = []
+        for type_url in ADS_ORDER:
+            for resource in self.of_type(type_url).values():
+                for ref_type, ref_name in resource.refs:
+                    if ref_name not in self.of_type(ref_type):
+                        missing.append(
+                            f"{resource.type_url.rsplit('.', 1)[-1]} {resource.name!r} refers to "
+                            f"{ref_type.rsplit('.', 1)[-1]} {ref_name!r}, which does not exist"
+                        )
+        return missing
+
+    @property
+    def size(self) -> int:
+        return sum(len(r.any_bytes) for items in self.resources.values() for r in items.values())
+
+
+class Cache:
+    """Holds the current snapshot and the event that fires when the next one is published."""
+
+    def __init__(self) -> None:
+        self._snapshot = Snapshot()
+        self._changed = asyncio.Event()
+        self.published = 0
+        self.refused = 0
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def watch(self) -> tuple[Snapshot, asyncio.Event]:
+        """The current snapshot and the event that fires when it is replaced, read together so that
+        a publish can never fall between them unseen."""
+        return self._snapshot, self._changed
+
+    def publish(self, resources: Mapping[str, Mapping[str, Resource]]) -> bool:
+        snapshot = Snapshot.build(resources)
+        missing = snapshot.inconsistencies()
+        if missing:
+            self.refused += 1
+            log.error(
+                "snapshot refused, still serving the previous one: %s%s",
+                "; ".join(missing[:5]),
+                f" (and {len(missing) - 5} more)" if len(missing) > 5 else "",
+            )
+            return False
+        if snapshot.versions == self._snapshot.versions:
+            return True
+        self._snapshot = snapshot
+        self.published += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+        return True

@@ -1,0 +1,175 @@
+"""The `xds` command: serve, bootstrap, translate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from xds.config import LB_POLICIES, Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings(
+        manifests=tuple(Path(p) for p in args.manifests),
+        xds_host=getattr(args, "xds_host", "127.0.0.1"),
+        xds_port=getattr(args, "xds_port", 18000),
+        admin_port=getattr(args, "admin_port", None),
+        listener_port_offset=args.listener_port_offset,
+        listener_address=args.listener_address,
+        lb_policy=args.lb_policy,
+        cluster_domain=args.cluster_domain,
+    )
+
+
+def _add_translation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--manifests",
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="a manifest file or directory (Service, EndpointSlice, Endpoints); repeatable",
+    )
+    parser.add_argument(
+        "--listener-port-offset",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Envoy listens on service port + N (default 0)",
+    )
+    parser.add_argument(
+        "--listener-address",
+        default="0.0.0.0",
+        help="address Envoy's listeners bind (default 0.0.0.0)",
+    )
+    parser.add_argument(
+        "--lb-policy",
+        default="RANDOM",
+        choices=LB_POLICIES,
+        help="default load balancing policy (default RANDOM)",
+    )
+    parser.add_argument(
+        "--cluster-domain",
+        default="cluster.local",
+        help="cluster DNS domain used in virtual host names",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xds", description="An Envoy xDS control plane.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve xDS from manifests")
+    _add_translation_options(serve)
+    serve.add_argument("--xds-host", default="127.0.0.1", help="xDS listen address")
+    serve.add_argument("--xds-port", type=int, default=18000, help="xDS gRPC port (default 18000)")
+    serve.add_argument(
+        "--admin-port",
+        type=int,
+        default=None,
+        help="admin HTTP port for /healthz, /readyz, /debug/* (off by default)",
+    )
+
+    boot = commands.add_parser("bootstrap", help="print an Envoy bootstrap for this control plane")
+    boot.add_argument("--node-id", required=True)
+    boot.add_argument("--node-cluster", default="xds-proxies")
+    boot.add_argument("--xds-address", required=True, metavar="HOST:PORT")
+    boot.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (loopback)")
+
+    translate = commands.add_parser(
+        "translate", help="print the Envoy resources for manifests as JSON, without serving"
+    )
+    _add_translation_options(translate)
+
+    demo = commands.add_parser(
+        "demo", help="run the control plane, Envoy and three backends, and show the traffic"
+    )
+    demo.add_argument(
+        "--requests",
+        type=int,
+        default=0,
+        help="stop after this many requests (default: run until Ctrl-C)",
+    )
+    demo.add_argument("--rate", type=float, default=200.0, help="requests per second")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "serve":
+            return _serve(_settings(args))
+        if args.command == "bootstrap":
+            return _bootstrap(args)
+        if args.command == "translate":
+            return _translate(_settings(args))
+        if args.command == "demo":
+            from xds.demo import run_demo
+
+            return run_demo(requests=args.requests, rate=args.rate)
+    except ValueError as exc:
+        print(f"xds: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def _serve(settings: Settings) -> int:
+    from xds.app import serve
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(run())
+    return 0
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    from xds.bootstrap import bootstrap_yaml
+
+    print(
+        bootstrap_yaml(
+            node_id=args.node_id,
+            node_cluster=args.node_cluster,
+            xds_address=args.xds_address,
+            admin_port=args.admin_port,
+        ),
+        end="",
+    )
+    return 0
+
+
+def _translate(settings: Settings) -> int:
+    from xds.sources.files import ManifestSource
+    from xds.translate import to_json, translate
+
+    source = ManifestSource(list(settings.manifests))
+    source.reload()
+    translation = translate(source.mesh(), settings)
+    problems = [*source.problems(), *translation.problems]
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(json.dumps(to_json(translation.resources), indent=2))
+    return 1 if any(p.severity == "error" for p in problems) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The grpc.aio discovery services: the wire around the stream state machine in `protocol`.
+
+Responses are written as bytes the state machine joined from pre-serialized resources, so the
+handlers are registered generically with an identity serializer instead of generated stubs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from xds._pb.envoy.service.discovery.v3 import discovery_pb2
+from xds.cache import Cache
+from xds.resources import ADS_ORDER, CLUSTER, ENDPOINT, LISTENER, ROUTE
+from xds.server.protocol import SotwStream
+
+log = logging.getLogger(__name__)
+
+# (gRPC service, its state-of-the-world method, the types it may carry)
+SOTW_SERVICES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (
+        "envoy.service.discovery.v3.AggregatedDiscoveryService",
+        "StreamAggregatedResources",
+        ADS_ORDER,
+    ),
+    ("envoy.service.cluster.v3.ClusterDiscoveryService", "StreamClusters", (CLUSTER,)),
+    ("envoy.service.endpoint.v3.EndpointDiscoveryService", "StreamEndpoints", (ENDPOINT,)),
+    ("envoy.service.listener.v3.ListenerDiscoveryService", "StreamListeners", (LISTENER,)),
+    ("envoy.service.route.v3.RouteDiscoveryService", "StreamRoutes", (ROUTE,)),
+)
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+class DiscoveryServer:
+    """Serves the cache's snapshots to every stream; knows its streams for /debug/syncz."""
+
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
+        self.streams: dict[int, SotwStream] = {}
+        self._ids = 0
+
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        return [
+            grpc.method_handlers_generic_handler(
+                service,
+                {
+                    method: grpc.stream_stream_rpc_method_handler(
+                        self._sotw_handler(types),
+                        request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                        response_serializer=_identity,
+                    )
+                },
+            )
+            for service, method, types in SOTW_SERVICES
+        ]
+
+    def _sotw_handler(
+        self, types: tuple[str, ...]
+    ) -> Callable[[object, grpc.aio.ServicerContext], object]:
+        async def handle(_requests: object, context: grpc.aio.ServicerContext) -> None:
+            await self.serve_sotw(context, types)
+
+        return handle
+
+    async def serve_sotw(self, context: grpc.aio.ServicerContext, types: tuple[str, ...]) -> None:
+        stream = SotwStream(peer=context.peer(), types=types)
+        self._ids += 1
+        stream_id = self._ids
+        self.streams[stream_id] = stream
+        snapshot, changed = self.cache.watch()
+        read = asyncio.ensure_future(context.read())
+        wake = asyncio.ensure_future(changed.wait())
+        try:
+            while True:
+                await asyncio.wait((read, wake), return_when=asyncio.FIRST_COMPLETED)
+                responses = []
+                if read.done():
+                    request = read.result()
+                    if request is grpc.aio.EOF:
+                        return
+                    responses += stream.on_request(request, snapshot)
+                    read = asyncio.ensure_future(context.read())
+                if wake.done():
+                    snapshot, changed = self.cache.watch()
+                    wake = asyncio.ensure_future(changed.wait())
+                    responses += stream.on_snapshot(snapshot)
+                for response in responses:
+                    await context.write(response.encode())
+        finally:
+            for task in (read, wake):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            del self.streams[stream_id]
+
+    def syncz(self) -> list[dict[str, object]]:
+        return [self.streams[i].describe() for i in sorted(self.streams)]
+
+
+async def start_server(
+    server: DiscoveryServer, host: str, port: int
+) -> tuple[grpc.aio.Server, int]:
+    """A started grpc.aio server on host:port (0 picks a free port); returns it and its port."""
+    grpc_server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 256 * 1024 * 1024),
+            # Envoy holds its xDS stream for the life of the process: keep idle streams alive.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
+    )
+    grpc_server.add_generic_rpc_handlers(server.handlers())
+    bound = grpc_server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen for xDS on {host}:{port}")
+    await grpc_server.start()
+    log.info("xDS server listening on %s:%d", host, bound)
+    return grpc_server, bound

@@ -1,0 +1,586 @@
+"""Pure translation of the mesh into Envoy resources: deterministic, no I/O, no clock.
+
+Names, in one place:
+
+- Cluster and its ClusterLoadAssignment: `<namespace>/<service>:<port>`, where `<port>` is the
+  Service port's name, or its number when unnamed. The EDS service name is the cluster name.
+- Listener: `http:<port>` for each distinct Service port number, bound to
+  `Settings.listener_address` on `<port> + Settings.listener_port_offset`.
+- RouteConfiguration: `http:<port>`, named by that listener's HttpConnectionManager through RDS.
+- Virtual host: `<namespace>/<service>`, one per Service in the route configuration of each of its
+  port numbers.
+
+A virtual host's domains are `svc.ns`, `svc.ns.svc`, `svc.ns.svc.<cluster domain>`, the short
+name `svc` and the ClusterIP, each with and without `:<port>`. Envoy rejects a route configuration
+in which two virtual hosts share a domain, so when several namespaces use the same name the short
+name goes to the Service in `default` (else to none), and a ClusterIP to the first Service that
+claims it.
+
+Per-Service annotations (prefix `xds.dev/`):
+
+- `lb-policy`: RANDOM, ROUND_ROBIN or LEAST_REQUEST, overriding `Settings.lb_policy`.
+- `connect-timeout`: a duration such as `250ms` or `2s`.
+- `cluster-patch`: a JSON object of Envoy `Cluster` fields (proto3 JSON names) merged into every
+  cluster of the Service, for settings this control plane does not model. Envoy validates the result
+  and NACKs what it cannot accept; the rest of the configuration is unaffected.
+
+The work is incremental: a Translator remembers each Service's output and translates again only
+the Services whose inputs changed; route configurations are assembled by joining the virtual hosts'
+serialized bytes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from google.protobuf import any_pb2, duration_pb2, json_format
+from google.protobuf.message import Message
+
+from xds import resources
+from xds._pb.envoy.config.cluster.v3 import cluster_pb2
+from xds._pb.envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    extension_pb2,
+    health_check_pb2,
+    protocol_pb2,
+)
+from xds._pb.envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from xds._pb.envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from xds._pb.envoy.config.route.v3 import route_components_pb2, route_pb2
+from xds._pb.envoy.extensions.filters.http.router.v3 import router_pb2
+from xds._pb.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from xds._pb.envoy.extensions.load_balancing_policies.least_request.v3 import least_request_pb2
+from xds._pb.envoy.extensions.load_balancing_policies.random.v3 import random_pb2
+from xds._pb.envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2
+from xds._pb.envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from xds.config import LB_POLICIES, Settings
+from xds.model import (
+    EndpointGroup,
+    Mesh,
+    Problem,
+    Service,
+    ServiceEntry,
+    ServiceKey,
+    ServicePort,
+    error,
+    warning,
+)
+from xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource, encode_len_field
+
+ANNOTATION_PREFIX = "xds.dev/"
+LB_POLICY_ANNOTATION = ANNOTATION_PREFIX + "lb-policy"
+CONNECT_TIMEOUT_ANNOTATION = ANNOTATION_PREFIX + "connect-timeout"
+CLUSTER_PATCH_ANNOTATION = ANNOTATION_PREFIX + "cluster-patch"
+
+HTTP2_PROTOCOLS = frozenset({"http2", "grpc", "h2c", "kubernetes.io/h2c", "grpc-web"})
+
+
+def cluster_name(key: ServiceKey, port: ServicePort) -> str:
+    return f"{key.namespace}/{key.name}:{port.label}"
+
+
+def listener_name(port: int) -> str:
+    return f"http:{port}"
+
+
+def route_name(port: int) -> str:
+    return f"http:{port}"
+
+
+def _any(message: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def _ads_source() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(
+        ads=config_source_pb2.AggregatedConfigSource(),
+        resource_api_version=config_source_pb2.V3,
+    )
+
+
+def _typed_policy(name: str, message: Message) -> cluster_pb2.LoadBalancingPolicy.Policy:
+    return cluster_pb2.LoadBalancingPolicy.Policy(
+        typed_extension_config=extension_pb2.TypedExtensionConfig(
+            name=name, typed_config=_any(message)
+        )
+    )
+
+
+def load_balancing_policy(policy: str) -> cluster_pb2.LoadBalancingPolicy:
+    """The typed policy, then round_robin: proxyless gRPC clients take the first they support."""
+    round_robin = _typed_policy(
+        "envoy.load_balancing_policies.round_robin", round_robin_pb2.RoundRobin()
+    )
+    first = {
+        "RANDOM": lambda: _typed_policy(
+            "envoy.load_balancing_policies.random", random_pb2.Random()
+        ),
+        "LEAST_REQUEST": lambda: _typed_policy(
+            "envoy.load_balancing_policies.least_request", least_request_pb2.LeastRequest()
+        ),
+        "ROUND_ROBIN": None,
+    }[policy]
+    policies = [round_robin] if first is None else [first(), round_robin]
+    return cluster_pb2.LoadBalancingPolicy(policies=policies)
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)$")
+_DURATION_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0}
+
+
+def parse_duration(text: str) -> float:
+    """`250ms`, `1.5s`, `2m` -> seconds. Raises ValueError with the accepted form."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a duration like 250ms, 1.5s or 2m")
+    return float(match.group(1)) * _DURATION_UNIT_S[match.group(2)]
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    whole = int(seconds)
+    return duration_pb2.Duration(seconds=whole, nanos=round((seconds - whole) * 1e9))
+
+
+def is_http2(port: ServicePort) -> bool:
+    if port.app_protocol:
+        return port.app_protocol.lower() in HTTP2_PROTOCOLS
+    prefix = port.name.split("-", 1)[0].lower()
+    return prefix in HTTP2_PROTOCOLS
+
+
+@dataclass(frozen=True, slots=True)
+class _ClusterOptions:
+    lb_policy: str
+    connect_timeout_s: float
+    patch: cluster_pb2.Cluster | None
+
+
+@dataclass(frozen=True)
+class ServiceOutput:
+    """Everything one Service contributes; reused as long as the Service's inputs are unchanged."""
+
+    clusters: tuple[Resource, ...] = ()
+    assignments: tuple[Resource, ...] = ()
+    # (port number, serialized VirtualHost) for the route configuration of that port.
+    virtual_hosts: tuple[tuple[int, bytes], ...] = ()
+    problems: tuple[Problem, ...] = ()
+
+
+@dataclass(frozen=True)
+class Translation:
+    """The resources of one snapshot, by type URL then name, and what translation complained of."""
+
+    resources: Mapping[str, Mapping[str, Resource]]
+    problems: tuple[Problem, ...] = ()
+    # Services translated afresh in this run (the rest were reused): a measure of incremental work.
+    translated: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Claims:
+    """Which ambiguous domains (short name, ClusterIP) a Service may use."""
+
+    short_name: bool
+    cluster_ip: bool
+
+
+def _claims(mesh: Mesh) -> tuple[dict[ServiceKey, _Claims], list[Problem]]:
+    by_name: dict[str, list[ServiceKey]] = defaultdict(list)
+    by_ip: dict[str, list[ServiceKey]] = defaultdict(list)
+    for entry in mesh:
+        service = entry.service
+        by_name[service.name].append(service.key)
+        if service.cluster_ip and not service.headless:
+            by_ip[service.cluster_ip].append(service.key)
+    problems: list[Problem] = []
+    short_owner: set[ServiceKey] = set()
+    for keys in by_name.values():
+        if len(keys) == 1:
+            short_owner.add(keys[0])
+        else:
+            short_owner.update(k for k in keys if k.namespace == "default")
+    ip_owner: set[ServiceKey] = set()
+    for ip, keys in by_ip.items():
+        ip_owner.add(keys[0])  # the mesh iterates in key order, so the first is deterministic
+        for other in keys[1:]:
+            problems.append(
+                error(
+                    f"Service {other}",
+                    "spec.clusterIP",
+                    f"{ip} is already the ClusterIP of Service {keys[0]}; "
+                    "this Service is reachable by name only",
+                )
+            )
+    claims = {
+        entry.service.key: _Claims(entry.service.key in short_owner, entry.service.key in ip_owner)
+        for entry in mesh
+    }
+    return claims, problems
+
+
+class Translator:
+    """Translates meshes into resources, remembering per-Service output between runs."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._memo: dict[ServiceKey, tuple[ServiceEntry, _Claims, ServiceOutput]] = {}
+        self._listeners: dict[int, Resource] = {}
+
+    def translate(self, mesh: Mesh) -> Translation:
+        claims, problems = _claims(mesh)
+        memo: dict[ServiceKey, tuple[ServiceEntry, _Claims, ServiceOutput]] = {}
+        translated = 0
+        for entry in mesh:
+            key = entry.service.key
+            previous = self._memo.get(key)
+            if previous is not None and previous[0] == entry and previous[1] == claims[key]:
+                memo[key] = previous
+                continue
+            memo[key] = (entry, claims[key], self._translate_service(entry, claims[key]))
+            translated += 1
+        self._memo = memo
+
+        clusters: dict[str, Resource] = {}
+        assignments: dict[str, Resource] = {}
+        virtual_hosts: dict[int, list[bytes]] = defaultdict(list)
+        for key in sorted(memo):
+            output = memo[key][2]
+            problems.extend(output.problems)
+            clusters.update((r.name, r) for r in output.clusters)
+            assignments.update((r.name, r) for r in output.assignments)
+            for port, vhost in output.virtual_hosts:
+                virtual_hosts[port].append(vhost)
+
+        listeners: dict[str, Resource] = {}
+        routes: dict[str, Resource] = {}
+        for port in sorted(virtual_hosts):
+            listener = self._listener(port, problems)
+            if listener is None:
+                continue
+            listeners[listener.name] = listener
+            name = route_name(port)
+            # RouteConfiguration: name is field 1, virtual_hosts field 2 (repeated).
+            body = encode_len_field(1, name.encode()) + b"".join(
+                encode_len_field(2, vhost) for vhost in virtual_hosts[port]
+            )
+            routes[name] = Resource.from_bytes(ROUTE, name, body)
+        return Translation(
+            resources={
+                CLUSTER: clusters,
+                ENDPOINT: assignments,
+                LISTENER: listeners,
+                ROUTE: routes,
+            },
+            problems=tuple(problems),
+            translated=translated,
+        )
+
+    def _listener(self, port: int, problems: list[Problem]) -> Resource | None:
+        cached = self._listeners.get(port)
+        if cached is not None:
+            return cached
+        envoy_port = port + self.settings.listener_port_offset
+        if envoy_port > 65535:
+            problems.append(
+                error(
+                    f"Listener {listener_name(port)}",
+                    "",
+                    f"service port {port} + listener port offset "
+                    f"{self.settings.listener_port_offset} is above 65535; not served",
+                )
+            )
+            return None
+        name = listener_name(port)
+        manager = hcm_pb2.HttpConnectionManager(
+            stat_prefix=f"http_{port}",
+            codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+            rds=hcm_pb2.Rds(config_source=_ads_source(), route_config_name=route_name(port)),
+            http_filters=[
+                hcm_pb2.HttpFilter(
+                    name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())
+                )
+            ],
+        )
+        listener = listener_pb2.Listener(
+            name=name,
+            address=address_pb2.Address(
+                socket_address=address_pb2.SocketAddress(
+                    address=self.settings.listener_address, port_value=envoy_port
+                )
+            ),
+            filter_chains=[
+                listener_components_pb2.FilterChain(
+                    filters=[
+                        listener_components_pb2.Filter(
+                            name="envoy.filters.network.http_connection_manager",
+                            typed_config=_any(manager),
+                        )
+                    ]
+                )
+            ],
+        )
+        resource = Resource.from_message(name, listener, refs=((ROUTE, route_name(port)),))
+        self._listeners[port] = resource
+        return resource
+
+    def _translate_service(self, entry: ServiceEntry, claims: _Claims) -> ServiceOutput:
+        service = entry.service
+        problems: list[Problem] = []
+        options = self._cluster_options(service, problems)
+        clusters: list[Resource] = []
+        assignments: list[Resource] = []
+        virtual_hosts: list[tuple[int, bytes]] = []
+        for port in service.ports:
+            if port.protocol != "TCP":
+                problems.append(
+                    warning(
+                        f"Service {service.key}",
+                        f"spec.ports[{service.ports.index(port)}].protocol",
+                        f"{port.protocol} ports are not proxied; port {port.port} is left out",
+                    )
+                )
+                continue
+            name = cluster_name(service.key, port)
+            if service.type == "ExternalName":
+                clusters.append(self._external_cluster(service, port, name, options))
+            else:
+                clusters.append(self._eds_cluster(port, name, options))
+                assignments.append(self._assignment(entry, port, name, problems))
+            vhost = route_components_pb2.VirtualHost(
+                name=str(service.key),
+                domains=self._domains(service, port, claims),
+                routes=[
+                    route_components_pb2.Route(
+                        match=route_components_pb2.RouteMatch(prefix="/"),
+                        route=route_components_pb2.RouteAction(cluster=name),
+                    )
+                ],
+            )
+            virtual_hosts.append((port.port, vhost.SerializeToString(deterministic=True)))
+        return ServiceOutput(
+            tuple(clusters), tuple(assignments), tuple(virtual_hosts), tuple(problems)
+        )
+
+    def _cluster_options(self, service: Service, problems: list[Problem]) -> _ClusterOptions:
+        lb_policy = self.settings.lb_policy
+        connect_timeout = self.settings.connect_timeout_s
+        patch: cluster_pb2.Cluster | None = None
+        where = f"Service {service.key}"
+
+        value = service.annotation(LB_POLICY_ANNOTATION)
+        if value is not None:
+            if value.upper() in LB_POLICIES:
+                lb_policy = value.upper()
+            else:
+                problems.append(
+                    error(
+                        where,
+                        f'metadata.annotations["{LB_POLICY_ANNOTATION}"]',
+                        f"{value!r} is not one of {', '.join(LB_POLICIES)}; using {lb_policy}",
+                    )
+                )
+        value = service.annotation(CONNECT_TIMEOUT_ANNOTATION)
+        if value is not None:
+            try:
+                connect_timeout = parse_duration(value)
+            except ValueError as exc:
+                problems.append(
+                    error(
+                        where,
+                        f'metadata.annotations["{CONNECT_TIMEOUT_ANNOTATION}"]',
+                        f"{exc}; using {connect_timeout}s",
+                    )
+                )
+        value = service.annotation(CLUSTER_PATCH_ANNOTATION)
+        if value is not None:
+            try:
+                patch = json_format.Parse(value, cluster_pb2.Cluster())
+            except (json_format.ParseError, json.JSONDecodeError) as exc:
+                problems.append(
+                    error(
+                        where,
+                        f'metadata.annotations["{CLUSTER_PATCH_ANNOTATION}"]',
+                        f"not a JSON object of envoy.config.cluster.v3.Cluster fields: {exc}; "
+                        "ignored",
+                    )
+                )
+        return _ClusterOptions(lb_policy, connect_timeout, patch)
+
+    def _finish_cluster(
+        self, cluster: cluster_pb2.Cluster, port: ServicePort, options: _ClusterOptions
+    ) -> cluster_pb2.Cluster:
+        cluster.connect_timeout.CopyFrom(_duration(options.connect_timeout_s))
+        cluster.load_balancing_policy.CopyFrom(load_balancing_policy(options.lb_policy))
+        if is_http2(port):
+            protocol_options = http_protocol_options_pb2.HttpProtocolOptions(
+                explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+                    http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+                )
+            )
+            cluster.typed_extension_protocol_options[
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+            ].CopyFrom(_any(protocol_options))
+        if options.patch is not None:
+            cluster.MergeFrom(options.patch)
+        return cluster
+
+    def _eds_cluster(self, port: ServicePort, name: str, options: _ClusterOptions) -> Resource:
+        cluster = cluster_pb2.Cluster(
+            name=name,
+            type=cluster_pb2.Cluster.EDS,
+            eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(
+                eds_config=_ads_source(), service_name=name
+            ),
+        )
+        self._finish_cluster(cluster, port, options)
+        return Resource.from_message(name, cluster, refs=((ENDPOINT, name),))
+
+    def _external_cluster(
+        self, service: Service, port: ServicePort, name: str, options: _ClusterOptions
+    ) -> Resource:
+        target = port.target_port if isinstance(port.target_port, int) else port.port
+        cluster = cluster_pb2.Cluster(
+            name=name,
+            type=cluster_pb2.Cluster.STRICT_DNS,
+            dns_lookup_family=cluster_pb2.Cluster.V4_PREFERRED,
+            load_assignment=endpoint_pb2.ClusterLoadAssignment(
+                cluster_name=name,
+                endpoints=[
+                    endpoint_components_pb2.LocalityLbEndpoints(
+                        lb_endpoints=[_lb_endpoint(service.external_name or "", target)]
+                    )
+                ],
+            ),
+        )
+        self._finish_cluster(cluster, port, options)
+        return Resource.from_message(name, cluster)
+
+    def _assignment(
+        self, entry: ServiceEntry, port: ServicePort, name: str, problems: list[Problem]
+    ) -> Resource:
+        by_locality: dict[tuple[str, str], dict[tuple[str, int], int]] = defaultdict(dict)
+        for group in entry.groups:
+            number = _resolve_port(entry.service, port, group, problems)
+            if number is None:
+                continue
+            for endpoint in group.endpoints:
+                if endpoint.ready:
+                    health = health_check_pb2.HEALTHY
+                elif endpoint.serving and endpoint.terminating:
+                    health = health_check_pb2.DRAINING
+                else:
+                    continue
+                locality = (endpoint.region or "", endpoint.zone or "")
+                existing = by_locality[locality].get((endpoint.address, number))
+                # The same address in two slices (a slice being replaced): the healthier wins.
+                if existing is None or health == health_check_pb2.HEALTHY:
+                    by_locality[locality][(endpoint.address, number)] = health
+        assignment = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+        for (region, zone), endpoints in sorted(by_locality.items()):
+            assignment.endpoints.append(
+                endpoint_components_pb2.LocalityLbEndpoints(
+                    locality=base_pb2.Locality(region=region, zone=zone),
+                    lb_endpoints=[
+                        _lb_endpoint(address, number, health)
+                        for (address, number), health in sorted(endpoints.items())
+                    ],
+                )
+            )
+        return Resource.from_message(name, assignment)
+
+    def _domains(self, service: Service, port: ServicePort, claims: _Claims) -> list[str]:
+        key = service.key
+        bases = [
+            f"{key.name}.{key.namespace}",
+            f"{key.name}.{key.namespace}.svc",
+            f"{key.name}.{key.namespace}.svc.{self.settings.cluster_domain}",
+        ]
+        if claims.short_name:
+            bases.insert(0, key.name)
+        if claims.cluster_ip and service.cluster_ip:
+            ip = service.cluster_ip
+            bases.append(f"[{ip}]" if ipaddress.ip_address(ip).version == 6 else ip)
+        return [domain for base in bases for domain in (base, f"{base}:{port.port}")]
+
+
+def _resolve_port(
+    service: Service, port: ServicePort, group: EndpointGroup, problems: list[Problem]
+) -> int | None:
+    """The endpoint port serving `port`: the group's port named like the Service port."""
+    for candidate in group.ports:
+        if candidate.name == port.name and candidate.protocol == port.protocol:
+            return candidate.port
+    wanted = f"named {port.name!r}" if port.name else "without a name"
+    problems.append(
+        error(
+            group.source,
+            "ports",
+            f"has no {port.protocol} port {wanted} for Service {service.key} port {port.port} "
+            f"(targetPort {port.target_port!r}); its endpoints are left out of cluster "
+            f"{cluster_name(service.key, port)}",
+        )
+    )
+    return None
+
+
+def _lb_endpoint(
+    address: str, port: int, health: int = health_check_pb2.UNKNOWN
+) -> endpoint_components_pb2.LbEndpoint:
+    return endpoint_components_pb2.LbEndpoint(
+        endpoint=endpoint_components_pb2.Endpoint(
+            address=address_pb2.Address(
+                socket_address=address_pb2.SocketAddress(address=address, port_value=port)
+            )
+        ),
+        health_status=health,
+    )
+
+
+def translate(mesh: Mesh, settings: Settings) -> Translation:
+    """One-shot translation (no memory of earlier runs)."""
+    return Translator(settings).translate(mesh)
+
+
+def decode(resource: Resource) -> Message:
+    """The message behind a resource, for display and tests; the hot path never needs it."""
+    message_type = {
+        CLUSTER: cluster_pb2.Cluster,
+        ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
+        LISTENER: listener_pb2.Listener,
+        ROUTE: route_pb2.RouteConfiguration,
+    }[resource.type_url]
+    return message_type.FromString(resource.body)
+
+
+def to_json(resources_by_type: Mapping[str, Mapping[str, Resource]]) -> dict[str, list[dict]]:
+    """Resources as proto3 JSON, grouped by short type name (CDS, EDS, LDS, RDS)."""
+    out: dict[str, list[dict]] = {}
+    for type_url in resources.ADS_ORDER:
+        items = resources_by_type.get(type_url, {})
+        out[resources.SHORT_NAMES[type_url]] = [
+            json_format.MessageToDict(decode(items[name])) for name in sorted(items)
+        ]
+    return out
+
+
+__all__ = [
+    "Translation",
+    "Translator",
+    "cluster_name",
+    "decode",
+    "listener_name",
+    "route_name",
+    "to_json",
+    "translate",
+]
