@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class ServiceKey:
+class ServiceKey(NamedTuple):
+    # A tuple, not a dataclass: it is hashed and sorted on every rebuild, and tuples do both in C.
     namespace: str
     name: str
 
@@ -50,10 +51,10 @@ class Service:
     external_name: str | None = None
     # Sorted (key, value) pairs, so the Service stays hashable and compares by content.
     annotations: tuple[tuple[str, str], ...] = ()
+    key: ServiceKey = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> ServiceKey:
-        return ServiceKey(self.namespace, self.name)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", ServiceKey(self.namespace, self.name))
 
     def annotation(self, name: str) -> str | None:
         for key, value in self.annotations:
@@ -113,13 +114,16 @@ class Mesh:
     """An immutable snapshot of every Service the control plane serves."""
 
     entries: Mapping[ServiceKey, ServiceEntry] = field(default_factory=dict)
+    keys: tuple[ServiceKey, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "entries", _frozen(self.entries))
+        object.__setattr__(self, "keys", tuple(sorted(self.entries)))
 
     def __iter__(self) -> Iterator[ServiceEntry]:
-        for key in sorted(self.entries):
-            yield self.entries[key]
+        """Entries in key order, so everything built from a mesh is deterministic."""
+        entries = self.entries
+        return (entries[key] for key in self.keys)
 
     def __len__(self) -> int:
         return len(self.entries)

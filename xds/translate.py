@@ -37,6 +37,7 @@ import re
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from google.protobuf import any_pb2, duration_pb2, json_format
 from google.protobuf.message import Message
@@ -187,8 +188,7 @@ class Translation:
     translated: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class _Claims:
+class _Claims(NamedTuple):
     """Which ambiguous domains (short name, ClusterIP) a Service may use."""
 
     short_name: bool
@@ -222,10 +222,7 @@ def _claims(mesh: Mesh) -> tuple[dict[ServiceKey, _Claims], list[Problem]]:
                     "this Service is reachable by name only",
                 )
             )
-    claims = {
-        entry.service.key: _Claims(entry.service.key in short_owner, entry.service.key in ip_owner)
-        for entry in mesh
-    }
+    claims = {key: _Claims(key in short_owner, key in ip_owner) for key in mesh.keys}
     return claims, problems
 
 
@@ -244,7 +241,11 @@ class Translator:
         for entry in mesh:
             key = entry.service.key
             previous = self._memo.get(key)
-            if previous is not None and previous[0] == entry and previous[1] == claims[key]:
+            if (
+                previous is not None
+                and (previous[0] is entry or previous[0] == entry)
+                and previous[1] == claims[key]
+            ):
                 memo[key] = previous
                 continue
             memo[key] = (entry, claims[key], self._translate_service(entry, claims[key]))
@@ -254,7 +255,7 @@ class Translator:
         clusters: dict[str, Resource] = {}
         assignments: dict[str, Resource] = {}
         virtual_hosts: dict[int, list[bytes]] = defaultdict(list)
-        for key in sorted(memo):
+        for key in mesh.keys:
             output = memo[key][2]
             problems.extend(output.problems)
             clusters.update((r.name, r) for r in output.clusters)
