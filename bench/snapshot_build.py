@@ -1,4 +1,4 @@
-"""Snapshot build benchmark: N Services x 10 endpoints -> translated, serialized, versioned snapshot.
+"""Snapshot build benchmark: N Services x 10 endpoints -> a translated, versioned snapshot.
 
 Prints, for each N, the time of a full build, of an incremental build after one Service's endpoints
 change, and the memory the snapshot holds. Each N runs in a fresh process so that peak RSS belongs

@@ -1,0 +1,402 @@
+"""Kubernetes-shaped manifests on disk, read and watched: the embedded default source.
+
+This module owns the file side of the manifest source: which files make up the configuration
+(the configured files, and every `*.yaml`, `*.yml` and `*.json` under the configured directories),
+reading and parsing them, the last good content of each, and watching them for changes with
+`watchfiles`. What the objects in them mean is `xds.sources.manifests`' business.
+
+A file that cannot be read or parsed keeps its last good content in service; an object that turns
+invalid keeps its last good version (see `manifests.convert_documents`). A change re-reads only the
+files it touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import watchfiles
+import yaml
+
+from xds.model import Mesh, Problem, error
+from xds.sources.manifests import KEEPING, Converted, assemble, convert_documents
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+# The control plane debounces events itself; these only group the few events of one save.
+WATCH_DEBOUNCE_MS = 5
+WATCH_STEP_MS = 5
+# A watcher that fails to start (a directory removed under it, the inotify limit) is retried after
+# this long, rather than in a tight loop.
+WATCH_RETRY_S = 0.5
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+# (device, inode, size, mtime): what tells a file's content may have changed without reading it.
+_Signature = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class _Root:
+    given: Path  # as configured: what locations show the user
+    path: Path  # absolute, as the watcher reports paths
+
+
+@dataclass(slots=True)
+class _File:
+    location: str
+    signature: _Signature | None = None
+    digest: bytes = b""
+    # The last good conversion (what is served) and the problems of the last read.
+    converted: Converted | None = None
+    problems: tuple[Problem, ...] = ()
+
+
+class ManifestSource:
+    """Manifest files and directories, read on `reload()` and kept current by `watch()`."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self._roots = tuple(_Root(Path(p), Path(os.path.abspath(p))) for p in paths)
+        self._files: dict[Path, _File] = {}
+        self._missing: tuple[Problem, ...] = ()
+        self._mesh = Mesh()
+        self._assembly_problems: list[Problem] = []
+        self._logged: set[Problem] = set()
+
+    def mesh(self) -> Mesh:
+        """Every Service, from the last good content of every file."""
+        return self._mesh
+
+    def problems(self) -> list[Problem]:
+        """The current problems: missing paths, each file's (by location), then the joining's."""
+        per_file = (p for f in sorted(self._files.values(), key=_by_location) for p in f.problems)
+        return [*self._missing, *per_file, *self._assembly_problems]
+
+    def reload(self, changed: Iterable[Path] | None = None) -> list[Problem]:
+        """Re-read the files at or under the `changed` paths, or every file when None.
+
+        Returns the problems of this reload: missing paths, those of the files it looked at, and
+        those of joining all files into a Mesh (which any file can cause).
+        """
+        if changed is None:
+            touched, _ = self._refresh([r.path for r in self._roots], force_all=True)
+        else:
+            paths = [Path(os.path.abspath(p)) for p in changed]
+            touched, _ = self._refresh(paths, force_all=False)
+        files = [self._files[path] for path in sorted(touched) if path in self._files]
+        return [*self._missing, *(p for f in files for p in f.problems), *self._assembly_problems]
+
+    async def watch(
+        self, notify: Callable[[], None], on_ready: Callable[[], None] | None = None
+    ) -> None:
+        """Apply every change to the configured paths and call `notify()`, until cancelled.
+
+        `on_ready` is called each time the watchers are in place (at the start, and again when a
+        configured path appears or disappears and what to watch changes): a change made after it is
+        seen. Changes made before it are caught up with by comparing file metadata, so calling
+        `reload()` and then `watch()` misses nothing in between.
+        """
+        queue: asyncio.Queue[set[Path] | None] = asyncio.Queue()
+        plan: frozenset[tuple[Path, bool]] | None = None
+        pumps: list[asyncio.Task[None]] = []
+        try:
+            while True:
+                wanted = self._watch_plan()
+                if wanted != plan:
+                    await _stop(pumps)
+                    plan = wanted
+                    pumps = [
+                        asyncio.create_task(self._pump(paths, recursive, queue))
+                        for paths, recursive in _group(plan)
+                    ]
+                    # Each pump's first step creates its inotify watches before it awaits anything,
+                    # and a new task runs before this one resumes: after this, nothing is missed.
+                    await asyncio.sleep(0)
+                    _, changed = self._refresh([r.path for r in self._roots], catch_up=True)
+                    if changed:
+                        notify()
+                    if on_ready is not None:
+                        on_ready()
+                batch = await queue.get()
+                while not queue.empty() and batch is not None:
+                    more = queue.get_nowait()
+                    batch = None if more is None else batch | more
+                if batch is None:
+                    # A watcher died: start them all again, from a fresh look at the paths.
+                    plan = None
+                    await asyncio.sleep(WATCH_RETRY_S)
+                    continue
+                self.reload(batch)
+                notify()
+        finally:
+            await _stop(pumps)
+
+    # Reading.
+
+    def _refresh(
+        self, paths: list[Path], force_all: bool = False, catch_up: bool = False
+    ) -> tuple[set[Path], bool]:
+        """Bring the files at or under `paths` up to date; return the files looked at, and whether
+        anything (content, problems) changed.
+
+        A file named in `paths` (or every file, with `force_all`) is read again; other files found
+        under a named directory are read only when new or when their metadata changed, because a
+        directory event says little about which of its files changed. With `catch_up`, nothing is
+        forced: the catch-up of `watch()`.
+        """
+        candidates: dict[Path, bool] = {}
+        for path in paths:
+            for file, named in self._candidates(path):
+                forced = force_all or (named and not catch_up)
+                candidates[file] = candidates.get(file, False) or forced
+        changed = False
+        for file, forced in sorted(candidates.items()):
+            changed |= self._load(file, forced)
+        changed |= self._check_roots()
+        if changed:
+            self._mesh, self._assembly_problems = assemble(
+                f.converted for f in self._files.values() if f.converted is not None
+            )
+            self._log_problems()
+        return set(candidates), changed
+
+    def _candidates(self, path: Path) -> Iterator[tuple[Path, bool]]:
+        """The files a change at `path` may concern, each with whether `path` names it exactly."""
+        for known in self._files:
+            if known == path or path in known.parents:
+                yield known, known == path
+        if path.name.startswith(".."):
+            # Kubernetes' atomic writer (ConfigMap and Secret volumes) swaps a `..data` symlink:
+            # the files under the parent, symlinks into it, change without an event of their own.
+            yield from ((f, False) for f in self._scan(path.parent))
+        for root in self._roots:
+            if path == root.path or path in root.path.parents:
+                # The root itself, or a directory on the way to it: the root may have appeared.
+                yield from ((f, f == path) for f in self._scan(root.path))
+            elif root.path in path.parents and not _hidden(path.relative_to(root.path)):
+                if path.is_dir():
+                    yield from ((f, False) for f in self._scan(path))
+                elif path.name.endswith(MANIFEST_SUFFIXES) and path.is_file():
+                    yield path, True
+
+    def _scan(self, path: Path) -> Iterator[Path]:
+        """The manifest files at or under `path`, as far as it lies inside a configured root."""
+        for root in self._roots:
+            if path == root.path and path.is_file():
+                yield path
+            elif path == root.path or root.path in path.parents:
+                if not path.is_dir():
+                    continue
+                # Symbolic links to directories are not followed: a link cycle would never end,
+                # and the watcher would not see inside them anyway.
+                for directory, dirs, files in os.walk(path):
+                    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                    for name in sorted(files):
+                        if name.endswith(MANIFEST_SUFFIXES) and not name.startswith("."):
+                            yield Path(directory, name)
+
+    def _location(self, path: Path) -> str:
+        for root in self._roots:
+            if path == root.path:
+                return str(root.given)
+            if root.path in path.parents:
+                return str(root.given / path.relative_to(root.path))
+        return str(path)
+
+    def _load(self, path: Path, forced: bool) -> bool:
+        """Read `path` when forced or when its metadata changed; return whether anything changed."""
+        known = self._files.get(path)
+        try:
+            status = path.stat()
+        except OSError:
+            status = None
+        if status is None or not stat.S_ISREG(status.st_mode):
+            if known is None:
+                return False
+            del self._files[path]
+            log.info("%s: removed", known.location)
+            return True
+        signature = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
+        if known is not None and not forced and known.signature == signature:
+            return False
+        data = b""
+        read_error: OSError | None = None
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            # Removed between the stat and the read: the event for the removal follows.
+            return False
+        except OSError as exc:
+            read_error = exc
+        if known is None:
+            known = self._files[path] = _File(self._location(path))
+        known.signature = signature
+        if read_error is not None:
+            return self._failed(known, f"cannot be read: {read_error.strerror or read_error}")
+        digest = hashlib.blake2b(data, digest_size=16).digest()
+        if digest == known.digest:
+            # Saved without a change: the same bytes convert to the same objects and problems.
+            return False
+        known.digest = digest
+        try:
+            docs = _parse(data, json_file=path.suffix == ".json")
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:
+            return self._failed(known, _parse_error(exc, path.suffix == ".json"))
+        known.converted = convert_documents(docs, known.location, previous=known.converted)
+        known.problems = known.converted.problems
+        return True
+
+    def _failed(self, file: _File, message: str) -> bool:
+        if file.converted is not None and file.converted.objects:
+            message = f"{message}; {KEEPING}"
+        file.problems = (error(f"file {file.location}", "", message, file.location),)
+        # Forget the content, so that putting the last good text back is read as a change.
+        file.digest = b""
+        return True
+
+    def _check_roots(self) -> bool:
+        missing = tuple(
+            error(
+                f"path {root.given}",
+                "",
+                "does not exist; it is read as soon as it appears",
+                str(root.given),
+            )
+            for root in self._roots
+            if not root.path.exists()
+        )
+        changed = missing != self._missing
+        self._missing = missing
+        return changed
+
+    def _log_problems(self) -> None:
+        current = self.problems()
+        for problem in current:
+            if problem not in self._logged:
+                log.warning("%s", problem)
+        for problem in self._logged.difference(current):
+            log.info("resolved: %s", problem)
+        self._logged = set(current)
+
+    # Watching.
+
+    def _watch_plan(self) -> frozenset[tuple[Path, bool]]:
+        """What to watch, and whether recursively, for the paths as they are now."""
+        plan: set[tuple[Path, bool]] = set()
+        for root in self._roots:
+            if root.path.is_dir():
+                plan.add((root.path, True))
+                continue
+            # A file is watched through its directory, since editors and atomic writes replace it
+            # (a watch on the file itself would stay on the old inode); a missing path through the
+            # nearest directory that exists, to see it (or a directory on the way) appear.
+            parent = root.path.parent
+            while not parent.is_dir() and parent != parent.parent:
+                parent = parent.parent
+            plan.add((parent, False))
+        return frozenset(
+            (path, recursive) for path, recursive in plan if recursive or (path, True) not in plan
+        )
+
+    async def _pump(
+        self, paths: list[Path], recursive: bool, queue: asyncio.Queue[set[Path] | None]
+    ) -> None:
+        try:
+            async for changes in watchfiles.awatch(
+                *paths,
+                watch_filter=self._relevant,
+                debounce=WATCH_DEBOUNCE_MS,
+                step=WATCH_STEP_MS,
+                recursive=recursive,
+                force_polling=False,
+            ):
+                queue.put_nowait({Path(path) for _, path in changes})
+        except Exception:
+            log.exception("watching %s failed; starting again", ", ".join(map(str, paths)))
+            queue.put_nowait(None)
+
+    def _relevant(self, change: watchfiles.Change, raw_path: str) -> bool:
+        path = Path(raw_path)
+        for root in self._roots:
+            if path == root.path or path in root.path.parents:
+                return True
+            if root.path not in path.parents:
+                continue
+            relative = path.relative_to(root.path)
+            if relative.name.startswith(".."):
+                return not _hidden(relative.parent)
+            if _hidden(relative):
+                continue
+            if relative.name.endswith(MANIFEST_SUFFIXES) or path.is_dir():
+                return True
+            # A directory that is gone: relevant when files were read from it.
+            if any(path in known.parents for known in self._files):
+                return True
+        return False
+
+
+def _hidden(relative: Path) -> bool:
+    """Whether a path inside a configured directory is out of sight: hidden, or inside a hidden one.
+
+    Hidden names are editor and tool droppings (`.demo.yaml.swp`, `.#demo.yaml`, `.git`). Backups
+    and temporary files (`demo.yaml~`, `demo.yaml.tmp`) are kept out by the suffix rule instead.
+    """
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _parse(data: bytes, json_file: bool) -> list[object]:
+    if json_file:
+        # A JSON file is one object; the json module, unlike a YAML 1.1 parser, reads all of JSON.
+        return [json.loads(data)]
+    # Parsed to the end before anything is converted: a file is good as a whole or not at all.
+    return list(yaml.load_all(data, Loader=_Loader))
+
+
+def _parse_error(exc: Exception, json_file: bool) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        where = exc.problem_mark
+        # The problem mark is where the parser gave up, often a line after the mistake; the
+        # context mark is where the construct it was reading began.
+        context = ""
+        if exc.context:
+            start = exc.context_mark
+            began = f" begun at line {start.line + 1}" if start is not None else ""
+            context = f" ({exc.context}{began})"
+        return (
+            f"is not valid YAML: {exc.problem} at line {where.line + 1}, "
+            f"column {where.column + 1}{context}"
+        )
+    if isinstance(exc, RecursionError):
+        return "is nested too deeply to parse"
+    return f"is not valid {'JSON' if json_file else 'YAML'}: {exc}"
+
+
+def _by_location(file: _File) -> str:
+    return file.location
+
+
+def _group(plan: frozenset[tuple[Path, bool]]) -> list[tuple[list[Path], bool]]:
+    """One watcher for the recursive paths and one for the others: `awatch` takes one mode."""
+    groups = []
+    for recursive in (True, False):
+        paths = sorted(path for path, r in plan if r == recursive)
+        if paths:
+            groups.append((paths, recursive))
+    return groups
+
+
+async def _stop(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
