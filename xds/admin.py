@@ -86,8 +86,11 @@ def _problem(problem: Problem) -> dict[str, str]:
 async def start_admin(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise OSError(exc.errno, f"admin server: {exc.strerror or exc}") from exc
     bound = runner.addresses[0][1]
     log.info("admin listening on http://%s:%d", host, bound)
     return runner, bound

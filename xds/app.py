@@ -57,15 +57,19 @@ class ControlPlane:
         """Loads the source, publishes the first snapshot, then opens the servers."""
         self.source.reload()
         await self.rebuild()
-        self._grpc, xds_port = await start_server(
-            self.server, self.settings.xds_host, self.settings.xds_port
-        )
-        admin_port = None
-        if self.settings.admin_port is not None:
-            app = make_app(self.cache, self.server, lambda: self.ready, self.problems)
-            self._admin, admin_port = await start_admin(
-                app, self.settings.admin_host, self.settings.admin_port
+        try:
+            self._grpc, xds_port = await start_server(
+                self.server, self.settings.xds_host, self.settings.xds_port
             )
+            admin_port = None
+            if self.settings.admin_port is not None:
+                app = make_app(self.cache, self.server, lambda: self.ready, self.problems)
+                self._admin, admin_port = await start_admin(
+                    app, self.settings.admin_host, self.settings.admin_port
+                )
+        except OSError:
+            await self.stop(grace_s=0)
+            raise
         self._tasks = [
             asyncio.create_task(self.source.watch(self._dirty.set), name="source-watch"),
             asyncio.create_task(self._rebuild_loop(), name="rebuild"),

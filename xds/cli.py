@@ -111,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
     try:
         if args.command == "serve":
             return _serve(_settings(args))
@@ -125,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"xds: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a port in use, an unreadable path: say it, without a traceback
+        print(f"xds: {exc}", file=sys.stderr)
+        return 1
     return 2
 
 

@@ -114,13 +114,16 @@ async def start_server(
             ("grpc.max_send_message_length", 256 * 1024 * 1024),
             # Envoy holds its xDS stream for the life of the process: keep idle streams alive.
             ("grpc.keepalive_permit_without_calls", 1),
+            # Without this, a second control plane on the same port would silently share it.
+            ("grpc.so_reuseport", 0),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
     )
     grpc_server.add_generic_rpc_handlers(server.handlers())
-    bound = grpc_server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen for xDS on {host}:{port}")
+    try:
+        bound = grpc_server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:  # grpc's word for a port in use or an address not ours
+        raise OSError(f"xDS server: cannot listen on {host}:{port} (in use?)") from exc
     await grpc_server.start()
     log.info("xDS server listening on %s:%d", host, bound)
     return grpc_server, bound
