@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 from typing import Any
-
-import yaml
 
 XDS_CLUSTER = "xds_cluster"
 
@@ -26,32 +25,47 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+MODES = ("ads", "xds", "delta-ads", "delta")
+
+
+def _grpc_source(delta: bool) -> dict[str, Any]:
+    return {
+        "api_type": "DELTA_GRPC" if delta else "GRPC",
+        "transport_api_version": "V3",
+        "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+        # Envoy's node (its extension list alone is tens of KB) then comes once per stream.
+        "set_node_on_first_message_only": True,
+    }
+
+
+def dynamic_resources(mode: str) -> dict[str, Any]:
+    """ADS (one stream for every type) or one stream per type; state-of-the-world or delta."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    delta = mode.startswith("delta")
+    if mode in ("ads", "delta-ads"):
+        ads = {"ads": {}, "resource_api_version": "V3"}
+        return {"ads_config": _grpc_source(delta), "cds_config": ads, "lds_config": ads}
+    per_type = {"api_config_source": _grpc_source(delta), "resource_api_version": "V3"}
+    return {"cds_config": per_type, "lds_config": per_type}
+
+
 def bootstrap(
     node_id: str,
     xds_address: str,
     admin_port: int = 9901,
     admin_address: str = "127.0.0.1",
     node_cluster: str = "xds-proxies",
+    mode: str = "ads",
 ) -> dict[str, Any]:
     """The bootstrap as a dict in Envoy's JSON/YAML shape."""
     host, port = parse_address(xds_address)
-    ads = {"ads": {}, "resource_api_version": "V3"}
     return {
         "node": {"id": node_id, "cluster": node_cluster},
         "admin": {
             "address": {"socket_address": {"address": admin_address, "port_value": admin_port}}
         },
-        "dynamic_resources": {
-            "ads_config": {
-                "api_type": "GRPC",
-                "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
-                # Envoy's node (its extension list alone is tens of KB) then comes once per stream.
-                "set_node_on_first_message_only": True,
-            },
-            "cds_config": ads,
-            "lds_config": ads,
-        },
+        "dynamic_resources": dynamic_resources(mode),
         "static_resources": {
             "clusters": [
                 {
@@ -93,5 +107,7 @@ def bootstrap(
     }
 
 
-def bootstrap_yaml(**kwargs: Any) -> str:
-    return yaml.safe_dump(bootstrap(**kwargs), sort_keys=False)
+def bootstrap_text(**kwargs: Any) -> str:
+    """The bootstrap as JSON, which Envoy reads as YAML too. Not YAML itself: Envoy's YAML parser
+    takes bare words like `n`, `no` or `on` for booleans, so a node id like that would break it."""
+    return json.dumps(bootstrap(**kwargs), indent=2) + "\n"

@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--node-cluster", default="xds-proxies")
     boot.add_argument("--xds-address", required=True, metavar="HOST:PORT")
     boot.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (loopback)")
+    boot.add_argument(
+        "--mode",
+        default="ads",
+        choices=("ads", "xds", "delta-ads", "delta"),
+        help="ads: one state-of-the-world stream (default); xds: one stream per type; "
+        "delta-ads and delta: the same with incremental xDS",
+    )
 
     translate = commands.add_parser(
         "translate", help="print the Envoy resources for manifests as JSON, without serving"
@@ -147,14 +154,15 @@ def _serve(settings: Settings) -> int:
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
-    from xds.bootstrap import bootstrap_yaml
+    from xds.bootstrap import bootstrap_text
 
     print(
-        bootstrap_yaml(
+        bootstrap_text(
             node_id=args.node_id,
             node_cluster=args.node_cluster,
             xds_address=args.xds_address,
             admin_port=args.admin_port,
+            mode=args.mode,
         ),
         end="",
     )

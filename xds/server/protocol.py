@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.cache import Snapshot
@@ -65,8 +66,9 @@ class Response:
         )
 
 
-# DiscoveryResponse.control_plane (field 6) = ControlPlane{identifier (field 1)}.
-_CONTROL_PLANE_FIELD = encode_len_field(6, encode_len_field(1, CONTROL_PLANE_ID.encode()))
+# A serialized ControlPlane{identifier (field 1)}, sent in every response.
+CONTROL_PLANE = encode_len_field(1, CONTROL_PLANE_ID.encode())
+_CONTROL_PLANE_FIELD = encode_len_field(6, CONTROL_PLANE)  # DiscoveryResponse.control_plane
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,32 +79,19 @@ class Nack:
 
 
 @dataclass
-class TypeState:
-    """What one stream knows of one resource type."""
+class TypeStateBase:
+    """What one stream knows of one resource type, in either protocol variant."""
 
     type_url: str
     names: frozenset[str] = frozenset()
     wildcard: bool = False
     sent_version: str | None = None
-    sent: Mapping[str, Resource] = field(default_factory=dict)
     last_nonce: str = ""
     awaiting_ack: bool = False
-    # A response is owed even if the resources did not change (a new subscription).
-    owed: bool = False
     acked_version: str = ""
     nack: Nack | None = None
     acks: int = 0
     nacks: int = 0
-
-    def set_subscription(self, names: list[str], first: bool) -> bool:
-        """Applies the names of a request; True when the subscription changed."""
-        wildcard = WILDCARD in names or (first and not names and self.type_url in FULL_STATE_TYPES)
-        if not first and not names and self.wildcard and WILDCARD not in self.names:
-            wildcard = True  # legacy wildcard stays on until the first explicit name
-        explicit = frozenset(n for n in names if n != WILDCARD)
-        changed = first or explicit != self.names or wildcard != self.wildcard
-        self.names, self.wildcard = explicit, wildcard
-        return changed
 
     def select(self, snapshot: Snapshot) -> dict[str, Resource]:
         available = snapshot.of_type(self.type_url)
@@ -111,76 +100,69 @@ class TypeState:
         return {name: available[name] for name in self.names if name in available}
 
 
-class SotwStream:
-    """One state-of-the-world stream (ADS or one type): requests and snapshots in, responses out."""
+S = TypeVar("S", bound=TypeStateBase)
+
+
+class StreamBase(Generic[S]):
+    """What both variants share: the client's identity, nonces, ACK/NACK bookkeeping, the order in
+    which types are answered, and the introspection behind /debug/syncz."""
 
     def __init__(self, peer: str = "", types: tuple[str, ...] = ADS_ORDER) -> None:
         self.peer = peer
         self.allowed_types = types
         self.node_id = ""
         self.node_cluster = ""
-        self.types: dict[str, TypeState] = {}
+        self.types: dict[str, S] = {}
         self._nonces = itertools.count(1)
         self.opened_at = time.time()
 
-    # -- inputs -----------------------------------------------------------------------------
+    def on_snapshot(self, snapshot: Snapshot) -> list:
+        return self._respond(snapshot)
 
-    def on_request(
-        self, request: discovery_pb2.DiscoveryRequest, snapshot: Snapshot
-    ) -> list[Response]:
+    def _accept(
+        self, request: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
+    ) -> bool:
+        """Remembers the node; False for a type this stream does not serve."""
         if request.HasField("node") and not self.node_id:
             # Keep only what identifies the client: the full node (with Envoy's extension list) is
             # tens of kilobytes and arrives once per stream.
             self.node_id = request.node.id
             self.node_cluster = request.node.cluster
-        type_url = request.type_url
-        if type_url not in self.allowed_types:
+        if request.type_url not in self.allowed_types:
             log.warning(
-                "stream %s (%s) asked for unknown type %r", self.peer, self.node_id, type_url
+                "stream %s (%s) asked for unknown type %r",
+                self.peer,
+                self.node_id,
+                request.type_url,
             )
-            return []
-        names = list(request.resource_names)
-        state = self.types.get(type_url)
-        if state is None:
-            state = self.types[type_url] = TypeState(type_url)
-            state.set_subscription(names, first=True)
-            state.owed = True
-        elif request.response_nonce and request.response_nonce != state.last_nonce:
-            if not state.set_subscription(names, first=False):
-                return []  # stale and nothing new: the answer to it was already superseded
-            state.owed = True
-        else:
-            if request.response_nonce and state.awaiting_ack:
-                state.awaiting_ack = False
-                self._record_reply(state, request)
-            if state.set_subscription(names, first=False) or not request.response_nonce:
-                state.owed = True
-        return self._respond(snapshot, only=type_url)
+            return False
+        return True
 
-    def on_snapshot(self, snapshot: Snapshot) -> list[Response]:
-        return self._respond(snapshot)
+    def _next_nonce(self, state: S) -> str:
+        state.last_nonce = str(next(self._nonces))
+        state.awaiting_ack = True
+        return state.last_nonce
 
-    # -- internals --------------------------------------------------------------------------
-
-    def _record_reply(self, state: TypeState, request: discovery_pb2.DiscoveryRequest) -> None:
-        if request.HasField("error_detail"):
+    def _record_reply(self, state: S, error_message: str | None, version: str) -> None:
+        state.awaiting_ack = False
+        if error_message is not None:
             state.nacks += 1
-            state.nack = Nack(state.sent_version or "", request.error_detail.message, time.time())
+            state.nack = Nack(state.sent_version or "", error_message, time.time())
             log.warning(
                 "NACK from %s (%s) for %s version %s: %s",
                 self.node_id,
                 self.peer,
                 SHORT_NAMES.get(state.type_url, state.type_url),
                 state.sent_version,
-                request.error_detail.message,
+                error_message,
             )
         else:
             state.acks += 1
-            state.acked_version = request.version_info
+            state.acked_version = version
             if state.nack is not None and state.nack.version != state.sent_version:
                 state.nack = None  # a later version was accepted: the NACK is history
 
-    def _respond(self, snapshot: Snapshot, only: str | None = None) -> list[Response]:
+    def _respond(self, snapshot: Snapshot, only: str | None = None) -> list:
         out = []
         for type_url in ADS_ORDER:
             # Clusters are looked at after every reply: a deferred cluster removal may be due.
@@ -194,37 +176,20 @@ class SotwStream:
                 out.append(response)
         return out
 
-    def _response_for(self, state: TypeState, snapshot: Snapshot) -> Response | None:
-        selected = state.select(snapshot)
-        if state.type_url == CLUSTER:
-            selected = self._keep_removed_clusters(state, selected, snapshot)
-        version = _version_of(state, selected, snapshot)
-        if version == state.sent_version and not state.owed:
-            return None
-        state.owed = False
-        state.sent_version = version
-        state.sent = selected
-        state.awaiting_ack = True
-        state.last_nonce = str(next(self._nonces))
-        ordered = tuple(selected[name] for name in sorted(selected))
-        return Response(state.type_url, version, state.last_nonce, ordered)
-
-    def _keep_removed_clusters(
-        self, state: TypeState, selected: dict[str, Resource], snapshot: Snapshot
-    ) -> dict[str, Resource]:
-        """Clusters just removed stay until the listeners and routes that may still use them have
-        been replaced and answered, so that no route points at a missing cluster in between."""
-        kept = {n: r for n, r in state.sent.items() if n not in selected}
-        if not kept:
-            return selected
-        routing_moves = any(
-            s.awaiting_ack or _version_of(s, s.select(snapshot), snapshot) != s.sent_version
+    def _routing_moves(self, snapshot: Snapshot) -> bool:
+        """Whether listeners or routes are in flight or about to change: clusters that disappear
+        must stay until they have settled, so that no route points at a missing cluster."""
+        return any(
+            s.awaiting_ack or self._has_update(s, snapshot)
             for t, s in self.types.items()
             if t in (LISTENER, ROUTE)
         )
-        return {**kept, **selected} if routing_moves else selected
 
-    # -- introspection ----------------------------------------------------------------------
+    def _response_for(self, state: S, snapshot: Snapshot) -> object | None:
+        raise NotImplementedError
+
+    def _has_update(self, state: S, snapshot: Snapshot) -> bool:
+        raise NotImplementedError
 
     def describe(self) -> dict[str, object]:
         return {
@@ -248,6 +213,72 @@ class SotwStream:
                 for url, s in self.types.items()
             },
         }
+
+
+@dataclass
+class TypeState(TypeStateBase):
+    """State-of-the-world: what was last sent, and whether an answer is owed regardless."""
+
+    sent: Mapping[str, Resource] = field(default_factory=dict)
+    # A response is owed even if the resources did not change (a new subscription).
+    owed: bool = False
+
+    def set_subscription(self, names: list[str], first: bool) -> bool:
+        """Applies the names of a request; True when the subscription changed."""
+        wildcard = WILDCARD in names or (first and not names and self.type_url in FULL_STATE_TYPES)
+        if not first and not names and self.wildcard and WILDCARD not in self.names:
+            wildcard = True  # legacy wildcard stays on until the first explicit name
+        explicit = frozenset(n for n in names if n != WILDCARD)
+        changed = first or explicit != self.names or wildcard != self.wildcard
+        self.names, self.wildcard = explicit, wildcard
+        return changed
+
+
+class SotwStream(StreamBase[TypeState]):
+    """One state-of-the-world stream (ADS or one type): requests and snapshots in, responses out."""
+
+    def on_request(
+        self, request: discovery_pb2.DiscoveryRequest, snapshot: Snapshot
+    ) -> list[Response]:
+        if not self._accept(request):
+            return []
+        type_url = request.type_url
+        names = list(request.resource_names)
+        state = self.types.get(type_url)
+        if state is None:
+            state = self.types[type_url] = TypeState(type_url)
+            state.set_subscription(names, first=True)
+            state.owed = True
+        elif request.response_nonce and request.response_nonce != state.last_nonce:
+            if not state.set_subscription(names, first=False):
+                return []  # stale and nothing new: the answer to it was already superseded
+            state.owed = True
+        else:
+            if request.response_nonce and state.awaiting_ack:
+                error = request.error_detail.message if request.HasField("error_detail") else None
+                self._record_reply(state, error, request.version_info)
+            if state.set_subscription(names, first=False) or not request.response_nonce:
+                state.owed = True
+        return self._respond(snapshot, only=type_url)
+
+    def _response_for(self, state: TypeState, snapshot: Snapshot) -> Response | None:
+        selected = state.select(snapshot)
+        if state.type_url == CLUSTER:
+            removed = {n: r for n, r in state.sent.items() if n not in selected}
+            if removed and self._routing_moves(snapshot):
+                selected = {**removed, **selected}
+        version = _version_of(state, selected, snapshot)
+        if version == state.sent_version and not state.owed:
+            return None
+        state.owed = False
+        state.sent_version = version
+        state.sent = selected
+        nonce = self._next_nonce(state)
+        ordered = tuple(selected[name] for name in sorted(selected))
+        return Response(state.type_url, version, nonce, ordered)
+
+    def _has_update(self, state: TypeState, snapshot: Snapshot) -> bool:
+        return _version_of(state, state.select(snapshot), snapshot) != state.sent_version
 
 
 def _version_of(state: TypeState, selected: Mapping[str, Resource], snapshot: Snapshot) -> str:

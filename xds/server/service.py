@@ -8,29 +8,47 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
-from collections.abc import Callable
 
 import grpc
+from google.protobuf.message import Message
 
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.cache import Cache
 from xds.resources import ADS_ORDER, CLUSTER, ENDPOINT, LISTENER, ROUTE
-from xds.server.protocol import SotwStream
+from xds.server.delta import DeltaResponse, DeltaStream
+from xds.server.protocol import Response, SotwStream
 
 log = logging.getLogger(__name__)
 
-# (gRPC service, its state-of-the-world method, the types it may carry)
-SOTW_SERVICES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+# (gRPC service, its state-of-the-world method, its delta method, the types it may carry)
+SERVICES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     (
         "envoy.service.discovery.v3.AggregatedDiscoveryService",
         "StreamAggregatedResources",
+        "DeltaAggregatedResources",
         ADS_ORDER,
     ),
-    ("envoy.service.cluster.v3.ClusterDiscoveryService", "StreamClusters", (CLUSTER,)),
-    ("envoy.service.endpoint.v3.EndpointDiscoveryService", "StreamEndpoints", (ENDPOINT,)),
-    ("envoy.service.listener.v3.ListenerDiscoveryService", "StreamListeners", (LISTENER,)),
-    ("envoy.service.route.v3.RouteDiscoveryService", "StreamRoutes", (ROUTE,)),
+    (
+        "envoy.service.cluster.v3.ClusterDiscoveryService",
+        "StreamClusters",
+        "DeltaClusters",
+        (CLUSTER,),
+    ),
+    (
+        "envoy.service.endpoint.v3.EndpointDiscoveryService",
+        "StreamEndpoints",
+        "DeltaEndpoints",
+        (ENDPOINT,),
+    ),
+    (
+        "envoy.service.listener.v3.ListenerDiscoveryService",
+        "StreamListeners",
+        "DeltaListeners",
+        (LISTENER,),
+    ),
+    ("envoy.service.route.v3.RouteDiscoveryService", "StreamRoutes", "DeltaRoutes", (ROUTE,)),
 )
 
 
@@ -43,36 +61,39 @@ class DiscoveryServer:
 
     def __init__(self, cache: Cache) -> None:
         self.cache = cache
-        self.streams: dict[int, SotwStream] = {}
-        self._ids = 0
+        self.streams: dict[int, SotwStream | DeltaStream] = {}
+        self._ids = itertools.count(1)
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         return [
             grpc.method_handlers_generic_handler(
                 service,
                 {
-                    method: grpc.stream_stream_rpc_method_handler(
-                        self._sotw_handler(types),
-                        request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
-                        response_serializer=_identity,
-                    )
+                    sotw: self._handler(SotwStream, discovery_pb2.DiscoveryRequest, types),
+                    delta: self._handler(DeltaStream, discovery_pb2.DeltaDiscoveryRequest, types),
                 },
             )
-            for service, method, types in SOTW_SERVICES
+            for service, sotw, delta, types in SERVICES
         ]
 
-    def _sotw_handler(
-        self, types: tuple[str, ...]
-    ) -> Callable[[object, grpc.aio.ServicerContext], object]:
+    def _handler(
+        self,
+        stream_type: type[SotwStream] | type[DeltaStream],
+        request_type: type[Message],
+        types: tuple[str, ...],
+    ) -> grpc.RpcMethodHandler:
         async def handle(_requests: object, context: grpc.aio.ServicerContext) -> None:
-            await self.serve_sotw(context, types)
+            await self.serve(context, stream_type(peer=context.peer(), types=types))
 
-        return handle
+        return grpc.stream_stream_rpc_method_handler(
+            handle, request_deserializer=request_type.FromString, response_serializer=_identity
+        )
 
-    async def serve_sotw(self, context: grpc.aio.ServicerContext, types: tuple[str, ...]) -> None:
-        stream = SotwStream(peer=context.peer(), types=types)
-        self._ids += 1
-        stream_id = self._ids
+    async def serve(
+        self, context: grpc.aio.ServicerContext, stream: SotwStream | DeltaStream
+    ) -> None:
+        """Feeds one stream its requests and every new snapshot until the client goes away."""
+        stream_id = next(self._ids)
         self.streams[stream_id] = stream
         snapshot, changed = self.cache.watch()
         read = asyncio.ensure_future(context.read())
@@ -80,12 +101,12 @@ class DiscoveryServer:
         try:
             while True:
                 await asyncio.wait((read, wake), return_when=asyncio.FIRST_COMPLETED)
-                responses = []
+                responses: list[Response | DeltaResponse] = []
                 if read.done():
                     request = read.result()
                     if request is grpc.aio.EOF:
                         return
-                    responses += stream.on_request(request, snapshot)
+                    responses += stream.on_request(request, snapshot)  # type: ignore[arg-type]
                     read = asyncio.ensure_future(context.read())
                 if wake.done():
                     snapshot, changed = self.cache.watch()
