@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from xds.config import Settings
 from xds.model import Problem
 from xds.server.service import DiscoveryServer, start_server
 from xds.sources.files import ManifestSource
-from xds.translate import Translation, Translator
+from xds.translate import Translation, Translator, for_api_type
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,10 @@ class ControlPlane:
         self.source = ManifestSource(list(settings.manifests))
         self.translator = Translator(settings)
         self.cache = Cache()
-        self.server = DiscoveryServer(self.cache)
+        self.server = DiscoveryServer(
+            self.cache,
+            per_type_rewrite=functools.partial(for_api_type, xds_cluster=settings.xds_cluster_name),
+        )
         self.ready = False
         self.rebuilds = 0
         self.last_translation: Translation | None = None

@@ -6,7 +6,9 @@ import ipaddress
 import json
 from typing import Any
 
-XDS_CLUSTER = "xds_cluster"
+from xds.config import XDS_CLUSTER_NAME
+
+XDS_CLUSTER = XDS_CLUSTER_NAME
 
 
 def parse_address(text: str) -> tuple[str, int]:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LB_POLICIES = ("RANDOM", "ROUND_ROBIN", "LEAST_REQUEST")
+# The name generated bootstraps give the cluster that reaches the control plane.
+XDS_CLUSTER_NAME = "xds_cluster"
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class Settings:
     cluster_domain: str = "cluster.local"
     listener_address: str = "0.0.0.0"
     listener_port_offset: int = 0
+    # Clients on per-type streams are told to fetch endpoints and routes through this cluster.
+    xds_cluster_name: str = XDS_CLUSTER_NAME
 
     # Event coalescing: a rebuild waits for `debounce_quiet_s` without new events, but never longer
     # than `debounce_max_s` after the first event of a burst.

@@ -49,6 +49,7 @@ from xds._pb.envoy.config.core.v3 import (
     base_pb2,
     config_source_pb2,
     extension_pb2,
+    grpc_service_pb2,
     health_check_pb2,
     protocol_pb2,
 )
@@ -546,6 +547,40 @@ def _lb_endpoint(
         ),
         health_status=health,
     )
+
+
+def for_api_type(resource: Resource, api_type: str, xds_cluster: str) -> Resource:
+    """The resource for a client on per-type streams of `api_type` (GRPC or DELTA_GRPC): its EDS or
+    RDS config source names the control plane's cluster instead of ADS. Other types pass as is."""
+    if resource.type_url not in (CLUSTER, LISTENER):
+        return resource
+    source = config_source_pb2.ConfigSource(
+        api_config_source=config_source_pb2.ApiConfigSource(
+            api_type=config_source_pb2.ApiConfigSource.ApiType.Value(api_type),
+            transport_api_version=config_source_pb2.V3,
+            grpc_services=[
+                grpc_service_pb2.GrpcService(
+                    envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=xds_cluster)
+                )
+            ],
+            set_node_on_first_message_only=True,
+        ),
+        resource_api_version=config_source_pb2.V3,
+    )
+    message = decode(resource)
+    if isinstance(message, cluster_pb2.Cluster):
+        if message.eds_cluster_config.eds_config.HasField("ads"):
+            message.eds_cluster_config.eds_config.CopyFrom(source)
+    else:
+        for chain in message.filter_chains:
+            for network_filter in chain.filters:
+                manager = hcm_pb2.HttpConnectionManager()
+                if not network_filter.typed_config.Unpack(manager):
+                    continue
+                if manager.rds.config_source.HasField("ads"):
+                    manager.rds.config_source.CopyFrom(source)
+                    network_filter.typed_config.Pack(manager)
+    return Resource.from_message(resource.name, message, refs=resource.refs)
 
 
 def translate(mesh: Mesh, settings: Settings) -> Translation:

@@ -15,10 +15,11 @@ import grpc
 from google.protobuf.message import Message
 
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
-from xds.cache import Cache
+from xds.cache import Cache, Snapshot
 from xds.resources import ADS_ORDER, CLUSTER, ENDPOINT, LISTENER, ROUTE
 from xds.server.delta import DeltaResponse, DeltaStream
 from xds.server.protocol import Response, SotwStream
+from xds.server.views import PerTypeViews, Rewrite, SnapshotView
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,10 @@ def _identity(data: bytes) -> bytes:
 class DiscoveryServer:
     """Serves the cache's snapshots to every stream; knows its streams for /debug/syncz."""
 
-    def __init__(self, cache: Cache) -> None:
+    def __init__(self, cache: Cache, per_type_rewrite: Rewrite | None = None) -> None:
         self.cache = cache
+        # Clients on per-type streams need clusters and listeners rewritten (see `views`).
+        self._views = PerTypeViews(per_type_rewrite) if per_type_rewrite else None
         self.streams: dict[int, SotwStream | DeltaStream] = {}
         self._ids = itertools.count(1)
 
@@ -69,11 +72,19 @@ class DiscoveryServer:
             grpc.method_handlers_generic_handler(
                 service,
                 {
-                    sotw: self._handler(SotwStream, discovery_pb2.DiscoveryRequest, types),
-                    delta: self._handler(DeltaStream, discovery_pb2.DeltaDiscoveryRequest, types),
+                    sotw: self._handler(
+                        SotwStream, discovery_pb2.DiscoveryRequest, types, None if ads else "GRPC"
+                    ),
+                    delta: self._handler(
+                        DeltaStream,
+                        discovery_pb2.DeltaDiscoveryRequest,
+                        types,
+                        None if ads else "DELTA_GRPC",
+                    ),
                 },
             )
             for service, sotw, delta, types in SERVICES
+            for ads in (types == ADS_ORDER,)
         ]
 
     def _handler(
@@ -81,21 +92,33 @@ class DiscoveryServer:
         stream_type: type[SotwStream] | type[DeltaStream],
         request_type: type[Message],
         types: tuple[str, ...],
+        api_type: str | None,
     ) -> grpc.RpcMethodHandler:
         async def handle(_requests: object, context: grpc.aio.ServicerContext) -> None:
-            await self.serve(context, stream_type(peer=context.peer(), types=types))
+            await self.serve(context, stream_type(peer=context.peer(), types=types), api_type)
 
         return grpc.stream_stream_rpc_method_handler(
             handle, request_deserializer=request_type.FromString, response_serializer=_identity
         )
 
     async def serve(
-        self, context: grpc.aio.ServicerContext, stream: SotwStream | DeltaStream
+        self,
+        context: grpc.aio.ServicerContext,
+        stream: SotwStream | DeltaStream,
+        api_type: str | None = None,
     ) -> None:
-        """Feeds one stream its requests and every new snapshot until the client goes away."""
+        """Feeds one stream its requests and every new snapshot until the client goes away.
+        `api_type` names a per-type client's API type (GRPC, DELTA_GRPC); None for ADS."""
         stream_id = next(self._ids)
         self.streams[stream_id] = stream
-        snapshot, changed = self.cache.watch()
+
+        def current() -> tuple[Snapshot | SnapshotView, asyncio.Event]:
+            snapshot, changed = self.cache.watch()
+            if api_type is None or self._views is None:
+                return snapshot, changed
+            return self._views.view(snapshot, api_type), changed
+
+        snapshot, changed = current()
         read = asyncio.ensure_future(context.read())
         wake = asyncio.ensure_future(changed.wait())
         try:
@@ -109,7 +132,7 @@ class DiscoveryServer:
                     responses += stream.on_request(request, snapshot)  # type: ignore[arg-type]
                     read = asyncio.ensure_future(context.read())
                 if wake.done():
-                    snapshot, changed = self.cache.watch()
+                    snapshot, changed = current()
                     wake = asyncio.ensure_future(changed.wait())
                     responses += stream.on_snapshot(snapshot)
                 for response in responses:
