@@ -252,3 +252,20 @@ def test_only_the_changed_service_is_translated_again():
     assert (
         second.resources[CLUSTER]["default/s1:http"] is first.resources[CLUSTER]["default/s1:http"]
     )
+
+
+def test_per_type_clients_get_config_sources_naming_the_server_cluster():
+    from xds.translate import for_api_type
+
+    out = translate(mesh(ServiceEntry(service("web"), (group("10.1.0.1"),))), Settings())
+    cluster = decode(for_api_type(out.resources[CLUSTER]["default/web:http"], "DELTA_GRPC", "cp"))
+    source = cluster.eds_cluster_config.eds_config.api_config_source
+    assert source.api_type == source.DELTA_GRPC
+    assert source.grpc_services[0].envoy_grpc.cluster_name == "cp"
+    listener = decode(for_api_type(out.resources[LISTENER]["http:80"], "GRPC", "cp"))
+    manager = hcm_pb2.HttpConnectionManager()
+    listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
+    assert manager.rds.config_source.api_config_source.api_type == source.GRPC
+    assert manager.rds.route_config_name == "http:80"
+    assignment = out.resources[ENDPOINT]["default/web:http"]
+    assert for_api_type(assignment, "GRPC", "cp") is assignment
