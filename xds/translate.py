@@ -9,6 +9,13 @@ Names, in one place:
 - RouteConfiguration: `http:<port>`, named by that listener's HttpConnectionManager through RDS.
 - Virtual host: `<namespace>/<service>`, one per Service in the route configuration of each of its
   port numbers.
+- TCP ports (appProtocol `tcp`, or a port name `tcp` / `tcp-*`): Listener `tcp:<port>` with a TCP
+  proxy to the port's cluster. A TCP listener forwards to one Service only: when several claim a
+  port, the first by namespace/name wins and the others get an error; an HTTP listener on the same
+  port number wins over any TCP claim.
+
+A port's protocol comes from its appProtocol, else its name's prefix (`http`, `http2`, `grpc`,
+`h2c`, `tcp`), else HTTP; HTTP/2 ports get HTTP/2 upstream connections.
 
 A virtual host's domains are `svc.ns`, `svc.ns.svc`, `svc.ns.svc.<cluster domain>`, the short
 name `svc` and the ClusterIP, each with and without `:<port>`. Envoy rejects a route configuration
@@ -60,6 +67,7 @@ from xds._pb.envoy.extensions.filters.http.router.v3 import router_pb2
 from xds._pb.envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from xds._pb.envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from xds._pb.envoy.extensions.load_balancing_policies.least_request.v3 import least_request_pb2
 from xds._pb.envoy.extensions.load_balancing_policies.random.v3 import random_pb2
 from xds._pb.envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2
@@ -96,6 +104,10 @@ def listener_name(port: int) -> str:
 
 def route_name(port: int) -> str:
     return f"http:{port}"
+
+
+def tcp_listener_name(port: int) -> str:
+    return f"tcp:{port}"
 
 
 def _any(message: Message) -> any_pb2.Any:
@@ -154,11 +166,19 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=whole, nanos=round((seconds - whole) * 1e9))
 
 
+def port_protocol(port: ServicePort) -> str:
+    """`http`, `http2` or `tcp`: from appProtocol, else the port name's prefix, else HTTP."""
+    for hint in (port.app_protocol or "", port.name.split("-", 1)[0]):
+        hint = hint.lower()
+        if hint in HTTP2_PROTOCOLS:
+            return "http2"
+        if hint in ("tcp", "http"):
+            return hint
+    return "http"
+
+
 def is_http2(port: ServicePort) -> bool:
-    if port.app_protocol:
-        return port.app_protocol.lower() in HTTP2_PROTOCOLS
-    prefix = port.name.split("-", 1)[0].lower()
-    return prefix in HTTP2_PROTOCOLS
+    return port_protocol(port) == "http2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +196,8 @@ class ServiceOutput:
     assignments: tuple[Resource, ...] = ()
     # (port number, serialized VirtualHost) for the route configuration of that port.
     virtual_hosts: tuple[tuple[int, bytes], ...] = ()
+    # (port number, cluster name) of TCP ports, each wanting a TCP proxy listener of its own.
+    tcp_ports: tuple[tuple[int, str], ...] = ()
     problems: tuple[Problem, ...] = ()
 
 
@@ -256,6 +278,7 @@ class Translator:
         clusters: dict[str, Resource] = {}
         assignments: dict[str, Resource] = {}
         virtual_hosts: dict[int, list[bytes]] = defaultdict(list)
+        tcp_ports: dict[int, list[tuple[ServiceKey, str]]] = defaultdict(list)
         for key in mesh.keys:
             output = memo[key][2]
             problems.extend(output.problems)
@@ -263,8 +286,32 @@ class Translator:
             assignments.update((r.name, r) for r in output.assignments)
             for port, vhost in output.virtual_hosts:
                 virtual_hosts[port].append(vhost)
+            for port, name in output.tcp_ports:
+                tcp_ports[port].append((key, name))
 
         listeners: dict[str, Resource] = {}
+        for port, claimants in sorted(tcp_ports.items()):
+            winner = None if port in virtual_hosts else claimants[0]
+            for key, name in claimants:
+                if (key, name) == winner:
+                    continue
+                problems.append(
+                    error(
+                        f"Service {key}",
+                        "spec.ports",
+                        f"TCP port {port} is already served "
+                        + (
+                            "by the HTTP listener of that port"
+                            if winner is None
+                            else f"for Service {winner[0]} (a TCP port forwards to one Service)"
+                        )
+                        + f"; cluster {name} gets no listener",
+                    )
+                )
+            if winner is not None:
+                listener = self._tcp_listener(port, winner[1], problems)
+                if listener is not None:
+                    listeners[listener.name] = listener
         routes: dict[str, Resource] = {}
         for port in sorted(virtual_hosts):
             listener = self._listener(port, problems)
@@ -288,22 +335,53 @@ class Translator:
             translated=translated,
         )
 
-    def _listener(self, port: int, problems: list[Problem]) -> Resource | None:
-        cached = self._listeners.get(port)
-        if cached is not None:
-            return cached
+    def _address(self, name: str, port: int, problems: list[Problem]) -> address_pb2.Address | None:
         envoy_port = port + self.settings.listener_port_offset
         if envoy_port > 65535:
             problems.append(
                 error(
-                    f"Listener {listener_name(port)}",
+                    f"Listener {name}",
                     "",
                     f"service port {port} + listener port offset "
                     f"{self.settings.listener_port_offset} is above 65535; not served",
                 )
             )
             return None
+        return address_pb2.Address(
+            socket_address=address_pb2.SocketAddress(
+                address=self.settings.listener_address, port_value=envoy_port
+            )
+        )
+
+    def _tcp_listener(self, port: int, cluster: str, problems: list[Problem]) -> Resource | None:
+        name = tcp_listener_name(port)
+        address = self._address(name, port, problems)
+        if address is None:
+            return None
+        proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=f"tcp_{port}", cluster=cluster)
+        listener = listener_pb2.Listener(
+            name=name,
+            address=address,
+            filter_chains=[
+                listener_components_pb2.FilterChain(
+                    filters=[
+                        listener_components_pb2.Filter(
+                            name="envoy.filters.network.tcp_proxy", typed_config=_any(proxy)
+                        )
+                    ]
+                )
+            ],
+        )
+        return Resource.from_message(name, listener, refs=((CLUSTER, cluster),))
+
+    def _listener(self, port: int, problems: list[Problem]) -> Resource | None:
+        cached = self._listeners.get(port)
+        if cached is not None:
+            return cached
         name = listener_name(port)
+        address = self._address(name, port, problems)
+        if address is None:
+            return None
         manager = hcm_pb2.HttpConnectionManager(
             stat_prefix=f"http_{port}",
             codec_type=hcm_pb2.HttpConnectionManager.AUTO,
@@ -316,11 +394,7 @@ class Translator:
         )
         listener = listener_pb2.Listener(
             name=name,
-            address=address_pb2.Address(
-                socket_address=address_pb2.SocketAddress(
-                    address=self.settings.listener_address, port_value=envoy_port
-                )
-            ),
+            address=address,
             filter_chains=[
                 listener_components_pb2.FilterChain(
                     filters=[
@@ -343,6 +417,7 @@ class Translator:
         clusters: list[Resource] = []
         assignments: list[Resource] = []
         virtual_hosts: list[tuple[int, bytes]] = []
+        tcp_ports: list[tuple[int, str]] = []
         for port in service.ports:
             if port.protocol != "TCP":
                 problems.append(
@@ -359,6 +434,9 @@ class Translator:
             else:
                 clusters.append(self._eds_cluster(port, name, options))
                 assignments.append(self._assignment(entry, port, name, problems))
+            if port_protocol(port) == "tcp":
+                tcp_ports.append((port.port, name))
+                continue
             vhost = route_components_pb2.VirtualHost(
                 name=str(service.key),
                 domains=self._domains(service, port, claims),
@@ -371,7 +449,11 @@ class Translator:
             )
             virtual_hosts.append((port.port, vhost.SerializeToString(deterministic=True)))
         return ServiceOutput(
-            tuple(clusters), tuple(assignments), tuple(virtual_hosts), tuple(problems)
+            tuple(clusters),
+            tuple(assignments),
+            tuple(virtual_hosts),
+            tuple(tcp_ports),
+            tuple(problems),
         )
 
     def _cluster_options(self, service: Service, problems: list[Problem]) -> _ClusterOptions:
