@@ -91,3 +91,16 @@ def test_serve_says_clearly_when_its_port_is_taken():
     assert result.returncode == 1
     assert f"127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_demo_runs_and_spreads_traffic_over_the_three_backends():
+    result = subprocess.run(
+        [sys.executable, "-m", "xds", "demo", "--requests", "300", "--rate", "1000"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    final = result.stdout.rsplit("requests through Envoy", 1)[1]
+    for backend in ("backend-1", "backend-2", "backend-3"):
+        count = int(final.split(backend, 1)[1].split()[0].replace(",", ""))
+        assert count > 30, (backend, final)
+    assert "stopped: traffic, Envoy, backends, control plane" in result.stdout
