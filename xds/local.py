@@ -126,7 +126,7 @@ class Envoy:
         mode: str = "ads",
         workdir: Path | None = None,
         extra_args: tuple[str, ...] = (),
-        bootstrap_overrides: dict[str, Any] | None = None,
+        customize: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.admin_port = free_port()
         self.node_id = node_id
@@ -134,8 +134,8 @@ class Envoy:
         config = bootstrap(
             node_id=node_id, xds_address=xds_address, admin_port=self.admin_port, mode=mode
         )
-        for key, value in (bootstrap_overrides or {}).items():
-            config[key] = value
+        if customize is not None:
+            customize(config)
         self.config_path = self.workdir / f"{node_id}.json"
         self.config_path.write_text(json.dumps(config, indent=2))
         self.log_path = self.workdir / f"{node_id}.log"

@@ -132,6 +132,7 @@ async def test_rejected_config_is_nacked_recorded_not_resent_and_old_config_serv
         )
         rejected = state["last_nack"]["version"]
         assert state["acked_version"] != rejected and state["nacks"] == 1
+        assert list(state["rejected_resources"]) == ["default/web:http"]
 
         # Unrelated changes keep flowing and are ACKed; the rejected version is never sent again.
         for hosts in (["127.0.0.1", "127.0.0.2"], ["127.0.0.2"], ["127.0.0.1"]):
@@ -143,7 +144,8 @@ async def test_rejected_config_is_nacked_recorded_not_resent_and_old_config_serv
 
             await wait_for(eds_acked, 10, what="the unrelated EDS change ACKed")
             state = await cds()
-            assert state["nacks"] == 1 and state["sent_version"] == rejected
+            assert state["nacks"] == 1 and state["sent_version"] != rejected
+            assert list(state["rejected_resources"]) == ["default/web:http"]
             assert await request_backend(mesh.session, mesh.url, "web.default") == "b1"
 
         publish(None, ["127.0.0.1"])

@@ -170,3 +170,24 @@ def test_cluster_removal_waits_for_routes_moving_away():
     assert ack(stream, cds_add, after) == []
     [cds_remove] = ack(stream, rds_new, after)
     assert cds_remove.removed == ("old",) and cds_remove.resources == ()
+
+
+def test_one_bad_resource_among_many_is_isolated_and_the_rest_delivered():
+    stream = DeltaStream()
+    start = snapshot(cds={"a": b"a1", "b": b"b1"})
+    [first] = stream.on_request(request(CLUSTER), start)
+    ack(stream, first, start)
+    changed = snapshot(cds={"a": b"a2", "b": b"BAD", "c": b"c1"})
+    queue, seen = stream.on_snapshot(changed), []
+    while queue:
+        response = queue.pop(0)
+        seen.append(response)
+        rejected = any(r.body == b"BAD" for r in response.resources)
+        queue += stream.on_request(
+            request(CLUSTER, nonce=response.nonce, error="bad" if rejected else None), changed
+        )
+    state = stream.types[CLUSTER]
+    assert {n: r.body for n, r in state.accepted.items()} == {"a": b"a2", "b": b"b1", "c": b"c1"}
+    assert list(state.quarantine) == ["b"]
+    assert all(len(s.resources) <= 1 for s in seen[1:])  # retried one at a time
+    assert stream.on_snapshot(changed) == []  # nothing re-sent while nothing changes

@@ -196,3 +196,42 @@ def test_explicit_wildcard_and_legacy_wildcard_ends_with_first_explicit_name():
     [legacy] = other.on_request(request(LISTENER), snap)
     [explicit] = other.on_request(request(LISTENER, ("a",), legacy.version, legacy.nonce), snap)
     assert names(explicit) == ["a"]
+
+
+def run_client(stream: SotwStream, snap: Snapshot, first: list[Response], bad: set[bytes]):
+    """Plays a client that rejects any response holding a resource body in `bad`; returns the
+    responses it saw, in order."""
+    seen, queue = [], list(first)
+    while queue:
+        response = queue.pop(0)
+        seen.append(response)
+        rejected = any(r.body in bad for r in response.resources)
+        reply = request(
+            response.type_url,
+            version="" if rejected else response.version,
+            nonce=response.nonce,
+            error="bad resource" if rejected else None,
+        )
+        queue += stream.on_request(reply, snap)
+    return seen
+
+
+def test_one_bad_resource_among_many_changes_is_isolated_and_the_rest_delivered():
+    start = snapshot(cds={"a": b"a1", "b": b"b1", "c": b"c1"})
+    stream = SotwStream()
+    run_client(stream, start, stream.on_request(request(CLUSTER), start), bad=set())
+    changed = snapshot(cds={"a": b"a2", "b": b"BAD", "c": b"c2", "d": b"d1"})
+    run_client(stream, changed, stream.on_snapshot(changed), bad={b"BAD"})
+    state = stream.types[CLUSTER]
+    accepted = {name: r.body for name, r in state.accepted.items()}
+    assert accepted == {"a": b"a2", "b": b"b1", "c": b"c2", "d": b"d1"}
+    assert state.quarantine == {"b": changed.of_type(CLUSTER)["b"].version}
+    assert state.nack is not None and stream.describe()["types"]["CDS"]["rejected_resources"]
+    # Later changes still flow; the rejected version is never offered again.
+    later = snapshot(cds={"a": b"a3", "b": b"BAD", "c": b"c2", "d": b"d1"})
+    seen = run_client(stream, later, stream.on_snapshot(later), bad={b"BAD"})
+    assert [[r.body for r in s.resources] for s in seen] == [[b"a3", b"b1", b"c2", b"d1"]]
+    # Fixing the resource releases it and clears the NACK.
+    fixed = snapshot(cds={"a": b"a3", "b": b"b2", "c": b"c2", "d": b"d1"})
+    run_client(stream, fixed, stream.on_snapshot(fixed), bad={b"BAD"})
+    assert state.accepted["b"].body == b"b2" and not state.quarantine and state.nack is None

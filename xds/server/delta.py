@@ -65,6 +65,8 @@ class DeltaTypeState(TypeStateBase):
     known: dict[str, str] = field(default_factory=dict)
     legacy_wildcard: bool = False
     answered: bool = False
+    sent_removed: tuple[str, ...] = ()
+    sent_resources: dict[str, Resource] = field(default_factory=dict)
 
     def apply(self, request: discovery_pb2.DeltaDiscoveryRequest, first: bool) -> None:
         subscribe = set(request.resource_names_subscribe)
@@ -81,9 +83,11 @@ class DeltaTypeState(TypeStateBase):
                 self.known.pop(name, None)
 
     def diff(self, snapshot: Snapshot) -> tuple[list[Resource], list[str]]:
-        """Resources the client lacks or holds at another version; names it holds that are gone."""
+        """Resources the client lacks or holds at another version (less those held back, see
+        `StreamBase._vet`); names it holds that are gone."""
         wanted = self.select(snapshot)
-        changed = [r for n, r in sorted(wanted.items()) if self.known.get(n) != r.version]
+        _, changes = StreamBase._vet(self, wanted, self.known)
+        changed = [wanted[name] for name in changes]
         available = snapshot.of_type(self.type_url)
         removed = [
             name
@@ -117,6 +121,7 @@ class DeltaStream(StreamBase[DeltaTypeState]):
         return self._respond(snapshot, only=type_url)
 
     def _response_for(self, state: DeltaTypeState, snapshot: Snapshot) -> DeltaResponse | None:
+        self._forget_replaced(state, state.select(snapshot))
         changed, removed = state.diff(snapshot)
         if removed and state.type_url == CLUSTER and self._routing_moves(snapshot):
             removed = []  # make-before-break: clusters go once the routes have moved away
@@ -127,6 +132,9 @@ class DeltaStream(StreamBase[DeltaTypeState]):
             state.known[resource.name] = resource.version
         for name in removed:
             del state.known[name]
+        state.sent_changes = {r.name: r.version for r in changed}
+        state.sent_resources = {r.name: r for r in changed}
+        state.sent_removed = tuple(removed)
         state.sent_version = snapshot.version(state.type_url)
         nonce = self._next_nonce(state)
         return DeltaResponse(
@@ -136,3 +144,16 @@ class DeltaStream(StreamBase[DeltaTypeState]):
     def _has_update(self, state: DeltaTypeState, snapshot: Snapshot) -> bool:
         changed, removed = state.diff(snapshot)
         return bool(changed or removed)
+
+    def _accepted(self, state: DeltaTypeState) -> None:
+        state.accepted.update(state.sent_resources)
+        for name in state.sent_removed:
+            state.accepted.pop(name, None)
+
+    def _rejected(self, state: DeltaTypeState) -> None:
+        # The client kept what it had: its versions are the accepted ones again.
+        for name in (*state.sent_resources, *state.sent_removed):
+            if name in state.accepted:
+                state.known[name] = state.accepted[name].version
+            else:
+                state.known.pop(name, None)

@@ -92,6 +92,15 @@ class TypeStateBase:
     nack: Nack | None = None
     acks: int = 0
     nacks: int = 0
+    # What the client holds for sure: the resources of its last ACKed state.
+    accepted: dict[str, Resource] = field(default_factory=dict)
+    # name -> version of the changes in the response in flight.
+    sent_changes: dict[str, str] = field(default_factory=dict)
+    # Versions the client rejected alone: never sent again; the name stays at its accepted version.
+    quarantine: dict[str, str] = field(default_factory=dict)
+    # Versions rejected together with others: sent one per response until each is cleared or
+    # quarantined, so one bad resource cannot hold back the rest.
+    suspects: dict[str, str] = field(default_factory=dict)
 
     def select(self, snapshot: Snapshot) -> dict[str, Resource]:
         available = snapshot.of_type(self.type_url)
@@ -145,22 +154,74 @@ class StreamBase(Generic[S]):
 
     def _record_reply(self, state: S, error_message: str | None, version: str) -> None:
         state.awaiting_ack = False
+        changes, state.sent_changes = state.sent_changes, {}
         if error_message is not None:
             state.nacks += 1
             state.nack = Nack(state.sent_version or "", error_message, time.time())
+            if len(changes) == 1:
+                state.quarantine.update(changes)
+                state.suspects.pop(next(iter(changes)), None)
+            else:
+                state.suspects.update(changes)
             log.warning(
-                "NACK from %s (%s) for %s version %s: %s",
+                "NACK from %s (%s) for %s version %s (%s): %s",
                 self.node_id,
                 self.peer,
                 SHORT_NAMES.get(state.type_url, state.type_url),
                 state.sent_version,
+                "rejected: " + ", ".join(changes)
+                if len(changes) == 1
+                else f"{len(changes)} changes, to be retried one by one",
                 error_message,
             )
+            self._rejected(state)
         else:
             state.acks += 1
             state.acked_version = version
-            if state.nack is not None and state.nack.version != state.sent_version:
-                state.nack = None  # a later version was accepted: the NACK is history
+            for name in changes:
+                state.suspects.pop(name, None)
+            self._accepted(state)
+            if state.nack is not None and not state.quarantine and not state.suspects:
+                state.nack = None  # everything rejected has been replaced: the NACK is history
+
+    def _accepted(self, state: S) -> None:
+        """The response in flight was ACKed."""
+
+    def _rejected(self, state: S) -> None:
+        """The response in flight was NACKed: the client kept what it had accepted."""
+
+    @staticmethod
+    def _forget_replaced(state: S, wanted: Mapping[str, Resource]) -> None:
+        """A rejected version matters only while it is the one wanted."""
+        for held_back in (state.quarantine, state.suspects):
+            for name, version in list(held_back.items()):
+                current = wanted.get(name)
+                if current is None or current.version != version:
+                    del held_back[name]
+        if state.nack is not None and not state.quarantine and not state.suspects:
+            state.nack = None  # nothing rejected is wanted any more: the NACK is history
+
+    @staticmethod
+    def _vet(
+        state: S, wanted: Mapping[str, Resource], held: Mapping[str, str]
+    ) -> tuple[dict[str, Resource], dict[str, str]]:
+        """Of the wanted resources, those to send: quarantined versions left out, and while some
+        are suspect, only one suspect change. `held` is what the client has (name -> version).
+        Returns the resources to send and the changes among them (name -> version)."""
+        sendable: dict[str, Resource] = {}
+        changes: dict[str, str] = {}
+        for name in sorted(wanted):
+            resource = wanted[name]
+            if held.get(name) == resource.version:
+                sendable[name] = resource
+            elif state.quarantine.get(name) != resource.version:
+                changes[name] = resource.version
+        suspect = next((n for n, v in changes.items() if state.suspects.get(n) == v), None)
+        if suspect is not None:
+            changes = {suspect: changes[suspect]}
+        for name in changes:
+            sendable[name] = wanted[name]
+        return sendable, changes
 
     def _respond(self, snapshot: Snapshot, only: str | None = None) -> list:
         out = []
@@ -209,6 +270,7 @@ class StreamBase(Generic[S]):
                     "last_nack": None
                     if s.nack is None
                     else {"version": s.nack.version, "message": s.nack.message, "at": s.nack.at},
+                    "rejected_resources": dict(sorted(s.quarantine.items())),
                 }
                 for url, s in self.types.items()
             },
@@ -262,7 +324,9 @@ class SotwStream(StreamBase[TypeState]):
         return self._respond(snapshot, only=type_url)
 
     def _response_for(self, state: TypeState, snapshot: Snapshot) -> Response | None:
-        selected = state.select(snapshot)
+        wanted = state.select(snapshot)
+        self._forget_replaced(state, wanted)
+        selected, changes = self._sotw_vet(state, wanted)
         if state.type_url == CLUSTER:
             removed = {n: r for n, r in state.sent.items() if n not in selected}
             if removed and self._routing_moves(snapshot):
@@ -273,15 +337,43 @@ class SotwStream(StreamBase[TypeState]):
         state.owed = False
         state.sent_version = version
         state.sent = selected
+        state.sent_changes = changes
         nonce = self._next_nonce(state)
         ordered = tuple(selected[name] for name in sorted(selected))
         return Response(state.type_url, version, nonce, ordered)
 
     def _has_update(self, state: TypeState, snapshot: Snapshot) -> bool:
-        return _version_of(state, state.select(snapshot), snapshot) != state.sent_version
+        selected, _ = self._sotw_vet(state, state.select(snapshot))
+        return _version_of(state, selected, snapshot) != state.sent_version
+
+    def _sotw_vet(
+        self, state: TypeState, wanted: dict[str, Resource]
+    ) -> tuple[dict[str, Resource], dict[str, str]]:
+        """State of the world must name every resource: one held back keeps its accepted
+        version (or stays out if the client never accepted one)."""
+        held = {name: r.version for name, r in state.accepted.items()}
+        sendable, changes = self._vet(state, wanted, held)
+        for name in wanted.keys() - sendable.keys():
+            if name in state.accepted:
+                sendable[name] = state.accepted[name]
+        return sendable, changes
+
+    def _accepted(self, state: TypeState) -> None:
+        state.accepted = dict(state.sent)
+
+    def _rejected(self, state: TypeState) -> None:
+        # The client still runs its accepted state: that is what was "sent" now, so that the
+        # accepted set is not sent again for nothing.
+        state.sent = dict(state.accepted)
+        state.sent_version = type_version(state.accepted.values())
 
 
 def _version_of(state: TypeState, selected: Mapping[str, Resource], snapshot: Snapshot) -> str:
-    if state.wildcard and selected.keys() == snapshot.of_type(state.type_url).keys():
+    available = snapshot.of_type(state.type_url)
+    if (
+        state.wildcard
+        and selected.keys() == available.keys()
+        and all(resource is available[name] for name, resource in selected.items())
+    ):
         return snapshot.version(state.type_url)  # the whole type: already computed once for all
     return type_version(selected.values())
