@@ -90,14 +90,26 @@ def test_reconnect_with_everything_current_gets_an_empty_answer():
 
 
 def test_name_subscribed_before_it_exists_is_sent_when_it_appears_and_never_removed():
-    empty = snapshot(eds={"other": b"1"})
+    empty = snapshot(rds={"other": b"1"})
     stream = DeltaStream()
-    [response] = stream.on_request(request(ENDPOINT, ("later",)), empty)
+    [response] = stream.on_request(request(ROUTE, ("later",)), empty)
     assert response.resources == () and response.removed == ()
     ack(stream, response, empty)
-    assert stream.on_snapshot(snapshot(eds={"other": b"2"})) == []
-    [update] = stream.on_snapshot(snapshot(eds={"other": b"2", "later": b"1"}))
+    assert stream.on_snapshot(snapshot(rds={"other": b"2"})) == []
+    [update] = stream.on_snapshot(snapshot(rds={"other": b"2", "later": b"1"}))
     assert names(update) == ["later"]
+
+
+def test_endpoints_of_a_cluster_the_snapshot_lacks_are_empty_not_withheld():
+    stream = DeltaStream()
+    snap = snapshot(eds={"a": b"\x0a\x01a"})
+    [response] = stream.on_request(request(ENDPOINT, ("a", "gone")), snap)
+    assert names(response) == ["a", "gone"]
+    empty = response.resources[1]
+    assert empty.body == b"\x0a\x04gone"  # ClusterLoadAssignment{cluster_name: "gone"}
+    ack(stream, response, snap)
+    [update] = stream.on_snapshot(snapshot(eds={"a": b"\x0a\x01a", "gone": b"\x0a\x01b"}))
+    assert names(update) == ["gone"]
 
 
 def test_unsubscribe_then_subscribe_again_sends_the_resource_again():

@@ -103,10 +103,13 @@ def test_eds_sends_only_subscribed_names_and_answers_names_not_yet_known():
     snap = snapshot(eds={"a": b"1", "b": b"2"})
     stream = SotwStream()
     [response] = stream.on_request(request(ENDPOINT, ("a", "later")), snap)
-    assert names(response) == ["a"]
+    # A cluster asks for "later": until its endpoints exist, they are none (not withheld).
+    assert names(response) == ["a", "later"]
+    assert response.resources[1].body == b"\x0a\x05later"
     ack(stream, response, snap, ("a", "later"))
     [update] = stream.on_snapshot(snapshot(eds={"a": b"1", "b": b"2", "later": b"3"}))
     assert names(update) == ["a", "later"]
+    assert update.resources[1].body == b"3"
 
 
 def test_unrelated_eds_change_does_not_wake_a_subscriber():

@@ -82,17 +82,20 @@ class DeltaTypeState(TypeStateBase):
             for name in unsubscribe:
                 self.known.pop(name, None)
 
-    def diff(self, snapshot: Snapshot) -> tuple[list[Resource], list[str]]:
+    def diff(
+        self, wanted: dict[str, Resource], snapshot: Snapshot
+    ) -> tuple[list[Resource], list[str]]:
         """Resources the client lacks or holds at another version (less those held back, see
         `StreamBase._vet`); names it holds that are gone."""
-        wanted = self.select(snapshot)
         _, changes = StreamBase._vet(self, wanted, self.known)
         changed = [wanted[name] for name in changes]
         available = snapshot.of_type(self.type_url)
         removed = [
             name
             for name in sorted(self.known)
-            if name not in available and (self.wildcard or name in self.names)
+            if name not in available
+            and name not in wanted
+            and (self.wildcard or name in self.names)
         ]
         return changed, removed
 
@@ -121,8 +124,9 @@ class DeltaStream(StreamBase[DeltaTypeState]):
         return self._respond(snapshot, only=type_url)
 
     def _response_for(self, state: DeltaTypeState, snapshot: Snapshot) -> DeltaResponse | None:
-        self._forget_replaced(state, state.select(snapshot))
-        changed, removed = state.diff(snapshot)
+        wanted = self._wanted(state, snapshot)
+        self._forget_replaced(state, wanted)
+        changed, removed = state.diff(wanted, snapshot)
         if removed and state.type_url == CLUSTER and self._routing_moves(snapshot):
             removed = []  # make-before-break: clusters go once the routes have moved away
         if not changed and not removed and state.answered:
@@ -142,7 +146,7 @@ class DeltaStream(StreamBase[DeltaTypeState]):
         )
 
     def _has_update(self, state: DeltaTypeState, snapshot: Snapshot) -> bool:
-        changed, removed = state.diff(snapshot)
+        changed, removed = state.diff(self._wanted(state, snapshot), snapshot)
         return bool(changed or removed)
 
     def _accepted(self, state: DeltaTypeState) -> None:

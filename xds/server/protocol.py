@@ -31,6 +31,7 @@ from xds.cache import Snapshot
 from xds.resources import (
     ADS_ORDER,
     CLUSTER,
+    ENDPOINT,
     FULL_STATE_TYPES,
     LISTENER,
     ROUTE,
@@ -246,6 +247,18 @@ class StreamBase(Generic[S]):
             if t in (LISTENER, ROUTE)
         )
 
+    def _wanted(self, state: S, snapshot: Snapshot) -> dict[str, Resource]:
+        """The resources the client asks for. Endpoints are asked for by a cluster the client
+        holds, so a name the snapshot lacks (its cluster is gone, or not yet sent) gets an empty
+        ClusterLoadAssignment: Envoy holds its CDS ACK, and after a reconnect its CDS request,
+        until a new cluster has warmed, and without endpoints it would wait out its fetch timeout
+        while the server waits for that ACK to send the cluster's removal."""
+        wanted = state.select(snapshot)
+        if state.type_url == ENDPOINT:
+            for name in state.names - wanted.keys():
+                wanted[name] = _empty_assignment(name)
+        return wanted
+
     def _response_for(self, state: S, snapshot: Snapshot) -> object | None:
         raise NotImplementedError
 
@@ -324,7 +337,7 @@ class SotwStream(StreamBase[TypeState]):
         return self._respond(snapshot, only=type_url)
 
     def _response_for(self, state: TypeState, snapshot: Snapshot) -> Response | None:
-        wanted = state.select(snapshot)
+        wanted = self._wanted(state, snapshot)
         self._forget_replaced(state, wanted)
         selected, changes = self._sotw_vet(state, wanted)
         if state.type_url == CLUSTER:
@@ -338,12 +351,17 @@ class SotwStream(StreamBase[TypeState]):
         state.sent_version = version
         state.sent = selected
         state.sent_changes = changes
+        dependent = self.types.get(_DEPENDENT.get(state.type_url, ""))
+        if changes and dependent is not None:
+            # A new or changed cluster (listener) starts warming and waits for its endpoints
+            # (routes), asking with names that may look unchanged: answer it all the same.
+            dependent.owed = True
         nonce = self._next_nonce(state)
         ordered = tuple(selected[name] for name in sorted(selected))
         return Response(state.type_url, version, nonce, ordered)
 
     def _has_update(self, state: TypeState, snapshot: Snapshot) -> bool:
-        selected, _ = self._sotw_vet(state, state.select(snapshot))
+        selected, _ = self._sotw_vet(state, self._wanted(state, snapshot))
         return _version_of(state, selected, snapshot) != state.sent_version
 
     def _sotw_vet(
@@ -366,6 +384,15 @@ class SotwStream(StreamBase[TypeState]):
         # accepted set is not sent again for nothing.
         state.sent = dict(state.accepted)
         state.sent_version = type_version(state.accepted.values())
+
+
+def _empty_assignment(name: str) -> Resource:
+    # ClusterLoadAssignment{cluster_name (field 1)}: a cluster with no endpoints.
+    return Resource.from_bytes(ENDPOINT, name, encode_len_field(1, name.encode()))
+
+
+# In ADS order, the type whose resources a changed resource of the key type needs again.
+_DEPENDENT = {CLUSTER: ENDPOINT, LISTENER: ROUTE}
 
 
 def _version_of(state: TypeState, selected: Mapping[str, Resource], snapshot: Snapshot) -> str:
