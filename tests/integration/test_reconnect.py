@@ -202,3 +202,65 @@ async def test_a_hundred_reconnects_mid_push_converge_every_time(tmp_path: Path,
         await envoy.stop()
         await relay.stop()
         await plane.stop()
+
+
+@pytest.mark.parametrize("mode", ["ads", "delta-ads"])
+async def test_an_envoy_moving_to_another_replica_receives_nothing_new(tmp_path: Path, mode: str):
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    write_manifests(manifests / "mesh.yaml", *mesh_state(1, free_port()))
+    settings = Settings(
+        manifests=(manifests,),
+        xds_port=0,
+        listener_address="127.0.0.1",
+        listener_port_offset=free_port() - 8080 - 1,
+    )
+    first, second = ControlPlane(settings), ControlPlane(settings)
+    first_ports, second_ports = await first.start(), await second.start()
+    assert first.cache.snapshot.versions == second.cache.snapshot.versions
+    relay = await Relay(first_ports.xds).start()
+    envoy = Envoy(
+        f"127.0.0.1:{relay.port}",
+        node_id=f"replicas-{mode}",
+        mode=mode,
+        workdir=tmp_path,
+        customize=fast_reconnect,
+    )
+    try:
+        await envoy.start()
+        await wait_for(lambda: converged(envoy, first), 20, what="convergence on replica one")
+        before = await envoy.stats("cluster_manager")
+        listeners_before = await envoy.stats("listener_manager")
+        [on_first] = first.server.syncz()
+        acked_on_first = {t: s["acked_version"] for t, s in on_first["types"].items()}
+
+        relay.target_port = second_ports.xds
+        assert relay.cut() > 0
+
+        def settled_on_second() -> bool:
+            clients = second.server.syncz()
+            return bool(clients) and all(
+                state["acked_version"] and not state["awaiting_ack"]
+                for state in clients[0]["types"].values()
+            )
+
+        await wait_for(settled_on_second, 20, what="Envoy settled on replica two")
+        assert await converged(envoy, second)
+        [client] = second.server.syncz()
+        for short, state in client["types"].items():
+            # Both replicas version the same state alike.
+            assert state["acked_version"] == acked_on_first[short], short
+            if mode == "delta-ads":
+                # Envoy told the new replica what it holds; nothing differed, so nothing was sent.
+                assert state["resources_sent"] == 0, (short, state)
+        after = await envoy.stats("cluster_manager")
+        listeners_after = await envoy.stats("listener_manager")
+        for counter in ("cluster_manager.cluster_added", "cluster_manager.cluster_modified"):
+            assert after[counter] == before[counter], counter
+        for counter in ("listener_manager.listener_added", "listener_manager.listener_modified"):
+            assert listeners_after[counter] == listeners_before[counter], counter
+    finally:
+        await envoy.stop()
+        await relay.stop()
+        await first.stop()
+        await second.stop()

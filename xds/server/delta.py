@@ -139,6 +139,7 @@ class DeltaStream(StreamBase[DeltaTypeState]):
         state.sent_changes = {r.name: r.version for r in changed}
         state.sent_resources = {r.name: r for r in changed}
         state.sent_removed = tuple(removed)
+        state.resources_sent += len(changed)
         state.sent_version = snapshot.version(state.type_url)
         nonce = self._next_nonce(state)
         return DeltaResponse(

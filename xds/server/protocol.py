@@ -93,6 +93,7 @@ class TypeStateBase:
     nack: Nack | None = None
     acks: int = 0
     nacks: int = 0
+    resources_sent: int = 0
     # What the client holds for sure: the resources of its last ACKed state.
     accepted: dict[str, Resource] = field(default_factory=dict)
     # name -> version of the changes in the response in flight.
@@ -280,6 +281,7 @@ class StreamBase(Generic[S]):
                     "acked_version": s.acked_version,
                     "acks": s.acks,
                     "nacks": s.nacks,
+                    "resources_sent": s.resources_sent,
                     "last_nack": None
                     if s.nack is None
                     else {"version": s.nack.version, "message": s.nack.message, "at": s.nack.at},
@@ -358,6 +360,7 @@ class SotwStream(StreamBase[TypeState]):
             dependent.owed = True
         nonce = self._next_nonce(state)
         ordered = tuple(selected[name] for name in sorted(selected))
+        state.resources_sent += len(ordered)
         return Response(state.type_url, version, nonce, ordered)
 
     def _has_update(self, state: TypeState, snapshot: Snapshot) -> bool:
