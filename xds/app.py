@@ -53,6 +53,10 @@ class ControlPlane:
         self._admin: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
+    def source_changed(self) -> None:
+        """A source saw a change: a rebuild follows once events quiet down (or the bound hits)."""
+        self._dirty.set()
+
     def problems(self) -> list[Problem]:
         translation = self.last_translation.problems if self.last_translation else ()
         return [*self.source.problems(), *translation]
@@ -75,7 +79,7 @@ class ControlPlane:
             await self.stop(grace_s=0)
             raise
         self._tasks = [
-            asyncio.create_task(self.source.watch(self._dirty.set), name="source-watch"),
+            asyncio.create_task(self.source.watch(self.source_changed), name="source-watch"),
             asyncio.create_task(self._rebuild_loop(), name="rebuild"),
         ]
         return Ports(xds_port, admin_port)
