@@ -106,13 +106,24 @@ def main() -> None:
     if args.child:
         print(json.dumps(run_one(sizes[0], args.repeats)))
         return
-    print(f"{'services':>9} {'resources':>9} {'full build':>11} {'1 changed':>10} "
-          f"{'snapshot':>10} {'held MiB':>9} {'peak MiB':>9} {'RSS MiB':>8}")
+    print(
+        f"{'services':>9} {'resources':>9} {'full build':>11} {'1 changed':>10} "
+        f"{'snapshot':>10} {'held MiB':>9} {'peak MiB':>9} {'RSS MiB':>8}"
+    )
     for size in sizes:
         out = subprocess.run(
-            [sys.executable, __file__, "--child", "--services", str(size),
-             "--repeats", str(args.repeats)],
-            check=True, capture_output=True, text=True,
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                "--services",
+                str(size),
+                "--repeats",
+                str(args.repeats),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         row = json.loads(out.stdout)
         print(
