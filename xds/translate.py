@@ -42,9 +42,9 @@ import ipaddress
 import json
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from google.protobuf import any_pb2, duration_pb2, json_format
 from google.protobuf.message import Message
@@ -90,6 +90,8 @@ ANNOTATION_PREFIX = "xds.dev/"
 LB_POLICY_ANNOTATION = ANNOTATION_PREFIX + "lb-policy"
 CONNECT_TIMEOUT_ANNOTATION = ANNOTATION_PREFIX + "connect-timeout"
 CLUSTER_PATCH_ANNOTATION = ANNOTATION_PREFIX + "cluster-patch"
+
+T = TypeVar("T")
 
 HTTP2_PROTOCOLS = frozenset({"http2", "grpc", "h2c", "kubernetes.io/h2c", "grpc-web"})
 
@@ -457,49 +459,23 @@ class Translator:
         )
 
     def _cluster_options(self, service: Service, problems: list[Problem]) -> _ClusterOptions:
-        lb_policy = self.settings.lb_policy
-        connect_timeout = self.settings.connect_timeout_s
-        patch: cluster_pb2.Cluster | None = None
-        where = f"Service {service.key}"
-
-        value = service.annotation(LB_POLICY_ANNOTATION)
-        if value is not None:
-            if value.upper() in LB_POLICIES:
-                lb_policy = value.upper()
-            else:
-                problems.append(
-                    error(
-                        where,
-                        f'metadata.annotations["{LB_POLICY_ANNOTATION}"]',
-                        f"{value!r} is not one of {', '.join(LB_POLICIES)}; using {lb_policy}",
-                    )
-                )
-        value = service.annotation(CONNECT_TIMEOUT_ANNOTATION)
-        if value is not None:
-            try:
-                connect_timeout = parse_duration(value)
-            except ValueError as exc:
-                problems.append(
-                    error(
-                        where,
-                        f'metadata.annotations["{CONNECT_TIMEOUT_ANNOTATION}"]',
-                        f"{exc}; using {connect_timeout}s",
-                    )
-                )
-        value = service.annotation(CLUSTER_PATCH_ANNOTATION)
-        if value is not None:
-            try:
-                patch = json_format.Parse(value, cluster_pb2.Cluster())
-            except (json_format.ParseError, json.JSONDecodeError) as exc:
-                problems.append(
-                    error(
-                        where,
-                        f'metadata.annotations["{CLUSTER_PATCH_ANNOTATION}"]',
-                        f"not a JSON object of envoy.config.cluster.v3.Cluster fields: {exc}; "
-                        "ignored",
-                    )
-                )
-        return _ClusterOptions(lb_policy, connect_timeout, patch)
+        settings = self.settings
+        lb_policy = _annotation(
+            service, LB_POLICY_ANNOTATION, _lb_policy, problems, f"using {settings.lb_policy}"
+        )
+        connect_timeout = _annotation(
+            service,
+            CONNECT_TIMEOUT_ANNOTATION,
+            parse_duration,
+            problems,
+            f"using {settings.connect_timeout_s}s",
+        )
+        patch = _annotation(service, CLUSTER_PATCH_ANNOTATION, _cluster_patch, problems, "ignored")
+        return _ClusterOptions(
+            lb_policy or settings.lb_policy,
+            settings.connect_timeout_s if connect_timeout is None else connect_timeout,
+            patch,
+        )
 
     def _finish_cluster(
         self, cluster: cluster_pb2.Cluster, port: ServicePort, options: _ClusterOptions
@@ -596,6 +572,42 @@ class Translator:
             ip = service.cluster_ip
             bases.append(f"[{ip}]" if ipaddress.ip_address(ip).version == 6 else ip)
         return [domain for base in bases for domain in (base, f"{base}:{port.port}")]
+
+
+def _annotation(
+    service: Service,
+    name: str,
+    parse: Callable[[str], T],
+    problems: list[Problem],
+    instead: str,
+) -> T | None:
+    """The parsed value of a Service annotation; None when absent or invalid (with an error
+    naming the annotation and saying what is done `instead`)."""
+    value = service.annotation(name)
+    if value is None:
+        return None
+    try:
+        return parse(value)
+    except ValueError as exc:
+        problems.append(
+            error(f"Service {service.key}", f'metadata.annotations["{name}"]', f"{exc}; {instead}")
+        )
+        return None
+
+
+def _lb_policy(value: str) -> str:
+    if value.upper() not in LB_POLICIES:
+        raise ValueError(f"{value!r} is not one of {', '.join(LB_POLICIES)}")
+    return value.upper()
+
+
+def _cluster_patch(value: str) -> cluster_pb2.Cluster:
+    try:
+        return json_format.Parse(value, cluster_pb2.Cluster())
+    except (json_format.ParseError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"not a JSON object of envoy.config.cluster.v3.Cluster fields: {exc}"
+        ) from exc
 
 
 def _resolve_port(
