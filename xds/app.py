@@ -13,6 +13,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from aiohttp import web
@@ -24,6 +25,9 @@ from xds.model import Problem
 from xds.server.service import DiscoveryServer, start_server
 from xds.sources.files import ManifestSource
 from xds.translate import Translation, Translator, for_api_type
+
+if TYPE_CHECKING:
+    from xds.sources.kube import KubeSource
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +41,22 @@ class Ports:
 class ControlPlane:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.source = ManifestSource(list(settings.manifests))
+        if settings.kubernetes == bool(settings.manifests):
+            raise ValueError("configure exactly one source: manifests, or the Kubernetes API")
+        self.source: ManifestSource | KubeSource
+        if settings.kubernetes:
+            # Imported here: the kubernetes client is slow to import and manifests don't need it.
+            from xds.sources.kube import KubeSettings, KubeSource
+
+            self.source = KubeSource(
+                KubeSettings(
+                    kubeconfig=settings.kubeconfig,
+                    context=settings.kube_context,
+                    namespaces=settings.namespaces,
+                )
+            )
+        else:
+            self.source = ManifestSource(list(settings.manifests))
         self.translator = Translator(settings)
         self.cache = Cache()
         self.server = DiscoveryServer(
@@ -62,9 +81,11 @@ class ControlPlane:
         return [*self.source.problems(), *translation]
 
     async def start(self) -> Ports:
-        """Loads the source, publishes the first snapshot, then opens the servers."""
-        self.source.reload()
-        await self.rebuild()
+        """Loads the source and publishes the first snapshot (manifests), then opens the servers.
+        The Kubernetes source syncs in the background: streams and /readyz wait for it."""
+        if isinstance(self.source, ManifestSource):
+            self.source.reload()
+            await self.rebuild()
         try:
             self._grpc, xds_port = await start_server(
                 self.server, self.settings.xds_host, self.settings.xds_port

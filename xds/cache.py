@@ -60,6 +60,8 @@ class Cache:
     def __init__(self) -> None:
         self._snapshot = Snapshot()
         self._changed = asyncio.Event()
+        # Set by the first publish: until then there is nothing true to tell a client.
+        self.initialized = asyncio.Event()
         self.published = 0
         self.refused = 0
 
@@ -83,10 +85,11 @@ class Cache:
                 f" (and {len(missing) - 5} more)" if len(missing) > 5 else "",
             )
             return False
-        if snapshot.versions == self._snapshot.versions:
+        if snapshot.versions == self._snapshot.versions and self.initialized.is_set():
             return True
         self._snapshot = snapshot
         self.published += 1
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
+        self.initialized.set()
         return True

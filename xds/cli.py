@@ -16,9 +16,14 @@ from xds.config import LB_POLICIES, Settings
 
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings(
-        manifests=tuple(Path(p) for p in args.manifests),
+        manifests=tuple(Path(p) for p in args.manifests or ()),
+        kubernetes=getattr(args, "kubernetes", False),
+        kubeconfig=getattr(args, "kubeconfig", None),
+        kube_context=getattr(args, "context", None),
+        namespaces=tuple(getattr(args, "namespace", None) or ()),
         xds_host=getattr(args, "xds_host", "127.0.0.1"),
         xds_port=getattr(args, "xds_port", 18000),
+        admin_host=getattr(args, "admin_host", "127.0.0.1"),
         admin_port=getattr(args, "admin_port", None),
         listener_port_offset=args.listener_port_offset,
         listener_address=args.listener_address,
@@ -27,14 +32,28 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def _add_translation_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+def _add_translation_options(parser: argparse.ArgumentParser, kubernetes: bool = False) -> None:
+    sources = parser.add_mutually_exclusive_group(required=True)
+    sources.add_argument(
         "--manifests",
         action="append",
-        required=True,
         metavar="PATH",
         help="a manifest file or directory (Service, EndpointSlice, Endpoints); repeatable",
     )
+    if kubernetes:
+        sources.add_argument(
+            "--kubernetes",
+            action="store_true",
+            help="watch the Kubernetes API (in-cluster config unless --kubeconfig/--context)",
+        )
+        parser.add_argument("--kubeconfig", metavar="PATH", help="kubeconfig file")
+        parser.add_argument("--context", metavar="NAME", help="kubeconfig context")
+        parser.add_argument(
+            "--namespace",
+            action="append",
+            metavar="NS",
+            help="watch only this namespace; repeatable (default: all)",
+        )
     parser.add_argument(
         "--listener-port-offset",
         type=int,
@@ -65,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="serve xDS from manifests")
-    _add_translation_options(serve)
+    serve = commands.add_parser("serve", help="serve xDS from manifests or the Kubernetes API")
+    _add_translation_options(serve, kubernetes=True)
     serve.add_argument("--xds-host", default="127.0.0.1", help="xDS listen address")
     serve.add_argument("--xds-port", type=int, default=18000, help="xDS gRPC port (default 18000)")
     serve.add_argument(
@@ -74,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="admin HTTP port for /healthz, /readyz, /debug/* (off by default)",
+    )
+    serve.add_argument(
+        "--admin-host", default="127.0.0.1", help="admin listen address (default 127.0.0.1)"
     )
 
     boot = commands.add_parser("bootstrap", help="print an Envoy bootstrap for this control plane")

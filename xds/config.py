@@ -12,8 +12,13 @@ XDS_CLUSTER_NAME = "xds_cluster"
 
 @dataclass(frozen=True)
 class Settings:
-    # Where configuration comes from: manifest files or directories (the embedded default).
+    # Where configuration comes from: manifest files or directories (the embedded default), or
+    # the Kubernetes API (in-cluster config unless a kubeconfig or context is given).
     manifests: tuple[Path, ...] = ()
+    kubernetes: bool = False
+    kubeconfig: str | None = None
+    kube_context: str | None = None
+    namespaces: tuple[str, ...] = ()  # empty: every namespace
 
     # Serving.
     xds_host: str = "127.0.0.1"

@@ -109,6 +109,8 @@ class DiscoveryServer:
     ) -> None:
         """Feeds one stream its requests and every new snapshot until the client goes away.
         `api_type` names a per-type client's API type (GRPC, DELTA_GRPC); None for ADS."""
+        # An empty answer before the first snapshot would tell Envoy to drop what it has.
+        await self.cache.initialized.wait()
         stream_id = next(self._ids)
         self.streams[stream_id] = stream
 
