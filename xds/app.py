@@ -53,6 +53,8 @@ class ControlPlane:
                     kubeconfig=settings.kubeconfig,
                     context=settings.kube_context,
                     namespaces=settings.namespaces,
+                    watch_timeout_s=settings.kube_watch_timeout_s,
+                    read_timeout_s=settings.kube_read_timeout_s,
                 )
             )
         else:

@@ -19,6 +19,10 @@ class Settings:
     kubeconfig: str | None = None
     kube_context: str | None = None
     namespaces: tuple[str, ...] = ()  # empty: every namespace
+    # A watch is ended by the API server after this long and resumed; a connection silent for
+    # longer than the read timeout (no event, no bookmark) is taken for dead and replaced.
+    kube_watch_timeout_s: int = 300
+    kube_read_timeout_s: float = 330.0
 
     # Serving.
     xds_host: str = "127.0.0.1"
