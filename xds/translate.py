@@ -509,7 +509,8 @@ class Translator:
     def _external_cluster(
         self, service: Service, port: ServicePort, name: str, options: _ClusterOptions
     ) -> Resource:
-        target = port.target_port if isinstance(port.target_port, int) else port.port
+        # An ExternalName is a DNS alias: clients reach the external host on the service port.
+        target = port.port
         cluster = cluster_pb2.Cluster(
             name=name,
             type=cluster_pb2.Cluster.STRICT_DNS,

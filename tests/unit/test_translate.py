@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from xds._pb.envoy.config.cluster.v3 import cluster_pb2
 from xds._pb.envoy.config.core.v3 import health_check_pb2
 from xds._pb.envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -290,4 +291,26 @@ def test_tcp_ports_get_a_tcp_proxy_listener_and_clashes_are_reported():
     assert "default/db" in complaints["Service default/db2"]
     assert "HTTP listener" in complaints["Service default/raw"]
     assert "default/db2:tcp" in out.resources[CLUSTER]  # still served, just not listened for
+    assert Snapshot.build(out.resources).inconsistencies() == []
+
+
+def test_every_service_kind_is_translated():
+    entries = (
+        ServiceEntry(service("np", type="NodePort"), (group("10.1.0.1"),)),
+        ServiceEntry(service("lb", type="LoadBalancer"), (group("10.1.0.2"),)),
+        ServiceEntry(
+            service("ext", cluster_ip=None, type="ExternalName", external_name="db.example.com")
+        ),
+    )
+    out = translate(mesh(*entries), Settings())
+    for name in ("default/np:http", "default/lb:http"):
+        assert decode(out.resources[CLUSTER][name]).type == cluster_pb2.Cluster.EDS
+    external = decode(out.resources[CLUSTER]["default/ext:http"])
+    assert external.type == cluster_pb2.Cluster.STRICT_DNS
+    [locality] = external.load_assignment.endpoints
+    address = locality.lb_endpoints[0].endpoint.address.socket_address
+    assert (address.address, address.port_value) == ("db.example.com", 80)
+    assert "default/ext:http" not in out.resources[ENDPOINT]  # DNS, not EDS
+    domains = [d for v in decode(out.resources[ROUTE]["http:80"]).virtual_hosts for d in v.domains]
+    assert "ext.default.svc.cluster.local" in domains
     assert Snapshot.build(out.resources).inconsistencies() == []
