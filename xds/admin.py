@@ -9,6 +9,7 @@ from aiohttp import web
 from google.protobuf import json_format
 
 from xds.cache import Cache
+from xds.metrics import CONTENT_TYPE, Metrics
 from xds.model import Problem
 from xds.resources import SHORT_NAMES, TYPES_BY_SHORT_NAME
 from xds.server.service import DiscoveryServer
@@ -22,6 +23,7 @@ def make_app(
     server: DiscoveryServer,
     is_ready: Callable[[], bool],
     problems: Callable[[], list[Problem]],
+    metrics: Metrics | None = None,
 ) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -64,7 +66,13 @@ def make_app(
     async def problem_list(_: web.Request) -> web.Response:
         return web.json_response([_problem(p) for p in problems()])
 
+    async def metrics_text(_: web.Request) -> web.Response:
+        if metrics is None:
+            return web.Response(status=404, text="metrics are off\n")
+        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
     app = web.Application()
+    app.router.add_get("/metrics", metrics_text)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/debug/syncz", syncz)

@@ -21,6 +21,7 @@ from aiohttp import web
 from xds.admin import make_app, start_admin
 from xds.cache import Cache
 from xds.config import Settings
+from xds.metrics import Metrics
 from xds.model import Problem
 from xds.server.service import DiscoveryServer, start_server
 from xds.sources.files import ManifestSource
@@ -43,6 +44,7 @@ class ControlPlane:
         self.settings = settings
         if settings.kubernetes == bool(settings.manifests):
             raise ValueError("configure exactly one source: manifests, or the Kubernetes API")
+        self.metrics = Metrics()
         self.source: ManifestSource | KubeSource
         if settings.kubernetes:
             # Imported here: the kubernetes client is slow to import and manifests don't need it.
@@ -55,7 +57,8 @@ class ControlPlane:
                     namespaces=settings.namespaces,
                     watch_timeout_s=settings.kube_watch_timeout_s,
                     read_timeout_s=settings.kube_read_timeout_s,
-                )
+                ),
+                on_relist=self.metrics.relisted,
             )
         else:
             self.source = ManifestSource(list(settings.manifests))
@@ -64,7 +67,9 @@ class ControlPlane:
         self.server = DiscoveryServer(
             self.cache,
             per_type_rewrite=functools.partial(for_api_type, xds_cluster=settings.xds_cluster_name),
+            metrics=self.metrics,
         )
+        self.metrics.watch_state(self.server.subscriptions, self._snapshot_size)
         self.ready = False
         self.rebuilds = 0
         self.last_translation: Translation | None = None
@@ -76,7 +81,12 @@ class ControlPlane:
 
     def source_changed(self) -> None:
         """A source saw a change: a rebuild follows once events quiet down (or the bound hits)."""
+        self.metrics.source_event()
         self._dirty.set()
+
+    def _snapshot_size(self) -> tuple[int, dict[str, int]]:
+        snapshot = self.cache.snapshot
+        return snapshot.size, {t: len(items) for t, items in snapshot.resources.items()}
 
     def problems(self) -> list[Problem]:
         translation = self.last_translation.problems if self.last_translation else ()
@@ -94,7 +104,9 @@ class ControlPlane:
             )
             admin_port = None
             if self.settings.admin_port is not None:
-                app = make_app(self.cache, self.server, lambda: self.ready, self.problems)
+                app = make_app(
+                    self.cache, self.server, lambda: self.ready, self.problems, self.metrics
+                )
                 self._admin, admin_port = await start_admin(
                     app, self.settings.admin_host, self.settings.admin_port
                 )
@@ -124,6 +136,7 @@ class ControlPlane:
         started = time.perf_counter()
         translation = await asyncio.to_thread(self.translator.translate, mesh)
         elapsed = time.perf_counter() - started
+        self.metrics.translated(elapsed)
         self.last_translation = translation
         self._log_new_problems(translation.problems)
         if self.cache.publish(translation.resources):

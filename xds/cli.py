@@ -116,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_translation_options(translate)
 
+    status = commands.add_parser(
+        "status", help="show what each connected proxy was sent and has acknowledged"
+    )
+    status.add_argument(
+        "--admin",
+        default="127.0.0.1:9902",
+        metavar="HOST:PORT",
+        help="the control plane's admin address (xds serve --admin-port; default 127.0.0.1:9902)",
+    )
+
     demo = commands.add_parser(
         "demo", help="run the control plane, Envoy and three backends, and show the traffic"
     )
@@ -148,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bootstrap(args)
         if args.command == "translate":
             return _translate(_settings(args))
+        if args.command == "status":
+            return _status(args.admin)
         if args.command == "demo":
             from xds.demo import run_demo
 
@@ -188,6 +200,22 @@ def _bootstrap(args: argparse.Namespace) -> int:
         ),
         end="",
     )
+    return 0
+
+
+def _status(admin: str) -> int:
+    import urllib.request
+
+    from xds.status import render_syncz
+
+    url = f"http://{admin}/debug/syncz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            clients = json.load(response)
+    except OSError as exc:
+        print(f"xds: cannot read {url}: {exc}", file=sys.stderr)
+        return 1
+    print(render_syncz(clients))
     return 0
 
 

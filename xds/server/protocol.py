@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -94,6 +94,7 @@ class TypeStateBase:
     acks: int = 0
     nacks: int = 0
     resources_sent: int = 0
+    sent_at: float = 0.0  # time.monotonic() of the response in flight
     # What the client holds for sure: the resources of its last ACKed state.
     accepted: dict[str, Resource] = field(default_factory=dict)
     # name -> version of the changes in the response in flight.
@@ -118,8 +119,15 @@ class StreamBase(Generic[S]):
     """What both variants share: the client's identity, nonces, ACK/NACK bookkeeping, the order in
     which types are answered, and the introspection behind /debug/syncz."""
 
-    def __init__(self, peer: str = "", types: tuple[str, ...] = ADS_ORDER) -> None:
+    def __init__(
+        self,
+        peer: str = "",
+        types: tuple[str, ...] = ADS_ORDER,
+        on_reply: Callable[[str, bool, float], None] | None = None,
+    ) -> None:
         self.peer = peer
+        # Told of every ACK (True) or NACK (False) with the seconds since the response went out.
+        self._on_reply = on_reply
         self.allowed_types = types
         self.node_id = ""
         self.node_cluster = ""
@@ -152,11 +160,14 @@ class StreamBase(Generic[S]):
     def _next_nonce(self, state: S) -> str:
         state.last_nonce = str(next(self._nonces))
         state.awaiting_ack = True
+        state.sent_at = time.monotonic()
         return state.last_nonce
 
     def _record_reply(self, state: S, error_message: str | None, version: str) -> None:
         state.awaiting_ack = False
         changes, state.sent_changes = state.sent_changes, {}
+        if self._on_reply is not None:
+            self._on_reply(state.type_url, error_message is None, time.monotonic() - state.sent_at)
         if error_message is not None:
             state.nacks += 1
             state.nack = Nack(state.sent_version or "", error_message, time.time())

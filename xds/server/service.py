@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import Message
@@ -20,6 +21,9 @@ from xds.resources import ADS_ORDER, CLUSTER, ENDPOINT, LISTENER, ROUTE
 from xds.server.delta import DeltaResponse, DeltaStream
 from xds.server.protocol import Response, SotwStream
 from xds.server.views import PerTypeViews, Rewrite, SnapshotView
+
+if TYPE_CHECKING:
+    from xds.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +64,14 @@ def _identity(data: bytes) -> bytes:
 class DiscoveryServer:
     """Serves the cache's snapshots to every stream; knows its streams for /debug/syncz."""
 
-    def __init__(self, cache: Cache, per_type_rewrite: Rewrite | None = None) -> None:
+    def __init__(
+        self,
+        cache: Cache,
+        per_type_rewrite: Rewrite | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.cache = cache
+        self.metrics = metrics
         # Clients on per-type streams need clusters and listeners rewritten (see `views`).
         self._views = PerTypeViews(per_type_rewrite) if per_type_rewrite else None
         self.streams: dict[int, SotwStream | DeltaStream] = {}
@@ -95,7 +105,9 @@ class DiscoveryServer:
         api_type: str | None,
     ) -> grpc.RpcMethodHandler:
         async def handle(_requests: object, context: grpc.aio.ServicerContext) -> None:
-            await self.serve(context, stream_type(peer=context.peer(), types=types), api_type)
+            on_reply = self.metrics.replied if self.metrics is not None else None
+            stream = stream_type(peer=context.peer(), types=types, on_reply=on_reply)
+            await self.serve(context, stream, api_type)
 
         return grpc.stream_stream_rpc_method_handler(
             handle, request_deserializer=request_type.FromString, response_serializer=_identity
@@ -138,13 +150,20 @@ class DiscoveryServer:
                     wake = asyncio.ensure_future(changed.wait())
                     responses += stream.on_snapshot(snapshot)
                 for response in responses:
-                    await context.write(response.encode())
+                    data = response.encode()
+                    if self.metrics is not None:
+                        self.metrics.pushed(response.type_url, len(data))
+                    await context.write(data)
         finally:
             for task in (read, wake):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             del self.streams[stream_id]
+
+    def subscriptions(self) -> list[str]:
+        """The type URL of every (stream, type) subscription: connected clients by type."""
+        return [type_url for stream in self.streams.values() for type_url in stream.types]
 
     def syncz(self) -> list[dict[str, object]]:
         return [self.streams[i].describe() for i in sorted(self.streams)]

@@ -79,8 +79,10 @@ class Informer:
         namespace: str | None,
         settings: KubeSettings,
         on_change: Callable[[Informer], None],
+        on_relist: Callable[[str], None] | None = None,
     ) -> None:
         self.kind = kind
+        self._on_relist = on_relist
         self.namespace = namespace
         self.settings = settings
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
@@ -143,6 +145,8 @@ class Informer:
         response = self._list_call(_preload_content=False, _request_timeout=self._timeouts())
         body = json.loads(response.data)
         self.lists += 1
+        if self._on_relist is not None:
+            self._on_relist(self.kind.resource)
         objects = {}
         for item in body.get("items") or []:
             item = self._typed(item)
@@ -229,9 +233,15 @@ def endpoint_slices_served(api: client.ApiClient) -> bool:
 class KubeSource:
     """Services and their endpoints from the Kubernetes API, kept current by informers."""
 
-    def __init__(self, settings: KubeSettings, api: client.ApiClient | None = None) -> None:
+    def __init__(
+        self,
+        settings: KubeSettings,
+        api: client.ApiClient | None = None,
+        on_relist: Callable[[str], None] | None = None,
+    ) -> None:
         self.settings = settings
         self._api = api
+        self._on_relist = on_relist
         self.informers: list[Informer] = []
         self._threads: list[threading.Thread] = []
         # (resource, namespace, name) -> (the API object, its conversion)
@@ -262,7 +272,7 @@ class KubeSource:
             loop.call_soon_threadsafe(self._changed, notify)
 
         self.informers = [
-            Informer(api, kind, namespace, self.settings, changed)
+            Informer(api, kind, namespace, self.settings, changed, self._on_relist)
             for kind in kinds
             for namespace in namespaces
         ]

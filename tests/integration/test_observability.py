@@ -1,0 +1,98 @@
+"""Metrics, /debug/syncz and `xds status` against a real Envoy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import Mesh, endpoint_slice, service, write_manifests
+from xds.local import backends, request_backend, wait_for
+
+
+async def scrape(mesh: Mesh) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with mesh.session.get(f"{mesh.admin_url}/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_metrics_syncz_and_status_follow_a_real_envoy(mesh: Mesh):
+    async with backends(["b1"]) as started:
+        path = mesh.manifests / "mesh.yaml"
+
+        def publish(annotations: dict[str, str] | None = None) -> None:
+            write_manifests(
+                path,
+                service("web", mesh.service_port, annotations=annotations),
+                endpoint_slice("web", ["127.0.0.1"], started[0].port),
+            )
+
+        publish()
+
+        async def routed() -> bool:
+            return await request_backend(mesh.session, mesh.url, "web.default") == "b1"
+
+        await wait_for(routed, 15, what="traffic through Envoy")
+
+        samples = await scrape(mesh)
+        assert value(samples, "xds_connected_clients", type="CDS") == 1
+        assert value(samples, "xds_pushes_total", type="CDS") >= 1
+        assert value(samples, "xds_pushed_bytes_total", type="EDS") > 0
+        assert value(samples, "xds_acks_total", type="RDS") >= 1
+        assert value(samples, "xds_push_to_ack_seconds_count", type="CDS") >= 1
+        assert value(samples, "xds_translation_seconds_count") >= 1
+        assert value(samples, "xds_snapshot_bytes") > 0
+        assert value(samples, "xds_snapshot_resources", type="LDS") == 1
+        assert value(samples, "xds_source_events_total") >= 1
+
+        # The versions /debug/syncz says Envoy ACKed are the ones Envoy says it runs.
+        [client] = await mesh.syncz()
+        dump = await mesh.envoy.config_dump()
+        [clusters] = [c for c in dump["configs"] if c["@type"].endswith("ClustersConfigDump")]
+        envoy_versions = {c["version_info"] for c in clusters["dynamic_active_clusters"]}
+        assert envoy_versions == {client["types"]["CDS"]["acked_version"]}
+
+        # A NACK moves the NACK counter, and only it.
+        nacks = value(samples, "xds_nacks_total", type="CDS")
+        publish(
+            {"xds.dev/cluster-patch": json.dumps({"outlierDetection": {"maxEjectionPercent": 200}})}
+        )
+
+        async def nacked() -> bool:
+            return value(await scrape(mesh), "xds_nacks_total", type="CDS") == nacks + 1
+
+        await wait_for(nacked, 15, what="the NACK counted")
+
+        admin = mesh.admin_url.removeprefix("http://")
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "xds", "status", "--admin", admin],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[0].split()[:3] == ["NODE", "PEER", "TYPE"]
+        cds = next(line for line in lines if " CDS " in line)
+        assert "test-proxy" in cds and "REJECTED 1" in cds
+        assert any(" EDS " in line and "SYNCED" in line for line in lines)
+
+
+def test_status_says_clearly_when_the_control_plane_is_not_there():
+    result = subprocess.run(
+        [sys.executable, "-m", "xds", "status", "--admin", "127.0.0.1:1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "cannot read http://127.0.0.1:1/debug/syncz" in result.stderr

@@ -1,0 +1,117 @@
+"""Prometheus metrics: what the control plane counts, in a registry of its own per instance.
+
+The stages report through small calls (`pushed`, `replied`, `translated`, ...) so none of them
+depends on prometheus_client; gauges that describe current state (connected clients, snapshot
+size) are read at scrape time instead of being kept up to date.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import Counter as PromCounter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from xds.resources import SHORT_NAMES
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _short(type_url: str) -> str:
+    return SHORT_NAMES.get(type_url, type_url.rsplit(".", 1)[-1])
+
+
+class _State(Collector):
+    """Gauges read when scraped: connected clients by type, snapshot size and resource counts."""
+
+    def __init__(
+        self,
+        subscriptions: Callable[[], Iterable[str]],
+        snapshot_size: Callable[[], tuple[int, dict[str, int]]],
+    ) -> None:
+        self._subscriptions = subscriptions
+        self._snapshot_size = snapshot_size
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        clients = GaugeMetricFamily(
+            "xds_connected_clients", "Streams subscribed to each resource type", labels=["type"]
+        )
+        for type_name, count in sorted(Counter(map(_short, self._subscriptions())).items()):
+            clients.add_metric([type_name], count)
+        yield clients
+        size, counts = self._snapshot_size()
+        yield GaugeMetricFamily(
+            "xds_snapshot_bytes", "Serialized size of the current snapshot", value=size
+        )
+        resources = GaugeMetricFamily(
+            "xds_snapshot_resources", "Resources in the current snapshot", labels=["type"]
+        )
+        for type_url, count in sorted(counts.items()):
+            resources.add_metric([_short(type_url)], count)
+        yield resources
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        by_type = ["type"]
+        self._pushes = PromCounter("xds_pushes", "Responses sent", by_type, registry=self.registry)
+        self._bytes = PromCounter(
+            "xds_pushed_bytes", "Bytes of responses sent", by_type, registry=self.registry
+        )
+        self._acks = PromCounter("xds_acks", "ACKs received", by_type, registry=self.registry)
+        self._nacks = PromCounter("xds_nacks", "NACKs received", by_type, registry=self.registry)
+        self._convergence = Histogram(
+            "xds_push_to_ack_seconds",
+            "From a response sent to its ACK or NACK",
+            by_type,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self._translation = Histogram(
+            "xds_translation_seconds",
+            "Time to translate the mesh and build a snapshot",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self._source_events = PromCounter(
+            "xds_source_events", "Changes seen by the source", registry=self.registry
+        )
+        self._relists = PromCounter(
+            "xds_source_relists",
+            "Full lists of the Kubernetes API (the first, and after each 410 Gone)",
+            ["resource"],
+            registry=self.registry,
+        )
+
+    def watch_state(
+        self,
+        subscriptions: Callable[[], Iterable[str]],
+        snapshot_size: Callable[[], tuple[int, dict[str, int]]],
+    ) -> None:
+        self.registry.register(_State(subscriptions, snapshot_size))
+
+    # -- what the stages report -----------------------------------------------------------
+
+    def pushed(self, type_url: str, size: int) -> None:
+        self._pushes.labels(_short(type_url)).inc()
+        self._bytes.labels(_short(type_url)).inc(size)
+
+    def replied(self, type_url: str, accepted: bool, seconds: float) -> None:
+        (self._acks if accepted else self._nacks).labels(_short(type_url)).inc()
+        self._convergence.labels(_short(type_url)).observe(seconds)
+
+    def translated(self, seconds: float) -> None:
+        self._translation.observe(seconds)
+
+    def source_event(self) -> None:
+        self._source_events.inc()
+
+    def relisted(self, resource: str) -> None:
+        self._relists.labels(resource).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
