@@ -17,12 +17,15 @@ from typing import TYPE_CHECKING
 
 import grpc
 from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.trace import Span
 
 from xds.admin import make_app, start_admin
 from xds.cache import Cache
 from xds.config import Settings
 from xds.metrics import Metrics
 from xds.model import Problem
+from xds.resources import SHORT_NAMES
 from xds.server.service import DiscoveryServer, start_server
 from xds.sources.files import ManifestSource
 from xds.translate import Translation, Translator, for_api_type
@@ -31,6 +34,11 @@ if TYPE_CHECKING:
     from xds.sources.kube import KubeSource
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("xds")
+
+
+def _short(type_url: str) -> str:
+    return SHORT_NAMES.get(type_url, type_url)
 
 
 @dataclass(frozen=True)
@@ -74,14 +82,21 @@ class ControlPlane:
         self.rebuilds = 0
         self.last_translation: Translation | None = None
         self._dirty = asyncio.Event()
+        self._change: Span | None = None
+        self._change_events = 0
         self._logged_problems: set[Problem] = set()
         self._grpc: grpc.aio.Server | None = None
         self._admin: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def source_changed(self) -> None:
-        """A source saw a change: a rebuild follows once events quiet down (or the bound hits)."""
+        """A source saw a change: a rebuild follows once events quiet down (or the bound hits).
+        The first event of a burst opens the trace that follows the change to every client."""
         self.metrics.source_event()
+        if self._change is None:
+            self._change = tracer.start_span("source change")
+            self._change_events = 0
+        self._change_events += 1
         self._dirty.set()
 
     def _snapshot_size(self) -> tuple[int, dict[str, int]]:
@@ -132,14 +147,48 @@ class ControlPlane:
             await self._admin.cleanup()
 
     async def rebuild(self) -> None:
+        # The trace of this change: its source span, or a root of its own for the first load.
+        change, self._change = self._change, None
+        if change is None:
+            change = tracer.start_span("initial snapshot")
+        else:
+            change.set_attribute("xds.source_events", self._change_events)
+        change.end()
+        parent = trace.set_span_in_context(change)
         mesh = self.source.mesh()
         started = time.perf_counter()
-        translation = await asyncio.to_thread(self.translator.translate, mesh)
+        with tracer.start_as_current_span("translate", context=parent) as span:
+            translation = await asyncio.to_thread(self.translator.translate, mesh)
+            if span.is_recording():
+                changed = [str(key) for key in translation.changed]
+                span.set_attributes(
+                    {
+                        "xds.service_count": len(mesh),
+                        "xds.services_translated": len(changed),
+                        "xds.services": changed[:50],
+                        "xds.namespaces": sorted({key.namespace for key in translation.changed}),
+                        "xds.problem_count": len(translation.problems),
+                    }
+                )
         elapsed = time.perf_counter() - started
         self.metrics.translated(elapsed)
         self.last_translation = translation
         self._log_new_problems(translation.problems)
-        if self.cache.publish(translation.resources):
+        with tracer.start_as_current_span("publish", context=parent) as span:
+            published = self.cache.publish(
+                translation.resources, trace_context=trace.set_span_in_context(span)
+            )
+            if span.is_recording():
+                snapshot = self.cache.snapshot
+                span.set_attributes(
+                    {
+                        "xds.published": published,
+                        "xds.resource_count": sum(len(i) for i in snapshot.resources.values()),
+                        "xds.bytes": snapshot.size,
+                        **{f"xds.version.{_short(t)}": v for t, v in snapshot.versions.items()},
+                    }
+                )
+        if published:
             self.ready = True
         self.rebuilds += 1
         log.debug(

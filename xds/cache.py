@@ -23,12 +23,17 @@ log = logging.getLogger(__name__)
 class Snapshot:
     resources: Mapping[str, Mapping[str, Resource]] = field(default_factory=dict)
     versions: Mapping[str, str] = field(default_factory=dict)
+    # The tracing context of the change that produced this snapshot (opaque here): pushes of it
+    # join that trace.
+    trace_context: object = field(default=None, compare=False)
 
     @classmethod
-    def build(cls, resources: Mapping[str, Mapping[str, Resource]]) -> Snapshot:
+    def build(
+        cls, resources: Mapping[str, Mapping[str, Resource]], trace_context: object = None
+    ) -> Snapshot:
         frozen = {url: MappingProxyType(dict(items)) for url, items in resources.items()}
         versions = {url: type_version(items.values()) for url, items in frozen.items()}
-        return cls(MappingProxyType(frozen), MappingProxyType(versions))
+        return cls(MappingProxyType(frozen), MappingProxyType(versions), trace_context)
 
     def of_type(self, type_url: str) -> Mapping[str, Resource]:
         return self.resources.get(type_url, MappingProxyType({}))
@@ -74,8 +79,10 @@ class Cache:
         a publish can never fall between them unseen."""
         return self._snapshot, self._changed
 
-    def publish(self, resources: Mapping[str, Mapping[str, Resource]]) -> bool:
-        snapshot = Snapshot.build(resources)
+    def publish(
+        self, resources: Mapping[str, Mapping[str, Resource]], trace_context: object = None
+    ) -> bool:
+        snapshot = Snapshot.build(resources, trace_context)
         missing = snapshot.inconsistencies()
         if missing:
             self.refused += 1

@@ -174,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
+    from xds import telemetry
     from xds.app import serve
 
     async def run() -> None:
@@ -183,7 +184,11 @@ def _serve(settings: Settings) -> int:
             loop.add_signal_handler(sig, stop.set)
         await serve(settings, stop)
 
-    asyncio.run(run())
+    provider = telemetry.setup_tracing()
+    try:
+        asyncio.run(run())
+    finally:
+        telemetry.shutdown(provider)  # flushes the spans still queued
     return 0
 
 

@@ -100,8 +100,8 @@ class Metrics:
         self._pushes.labels(_short(type_url)).inc()
         self._bytes.labels(_short(type_url)).inc(size)
 
-    def replied(self, type_url: str, accepted: bool, seconds: float) -> None:
-        (self._acks if accepted else self._nacks).labels(_short(type_url)).inc()
+    def replied(self, type_url: str, error_message: str | None, seconds: float) -> None:
+        (self._acks if error_message is None else self._nacks).labels(_short(type_url)).inc()
         self._convergence.labels(_short(type_url)).observe(seconds)
 
     def translated(self, seconds: float) -> None:

@@ -211,6 +211,7 @@ class Translation:
     problems: tuple[Problem, ...] = ()
     # Services translated afresh in this run (the rest were reused): a measure of incremental work.
     translated: int = 0
+    changed: tuple[ServiceKey, ...] = ()
 
 
 class _Claims(NamedTuple):
@@ -262,7 +263,7 @@ class Translator:
     def translate(self, mesh: Mesh) -> Translation:
         claims, problems = _claims(mesh)
         memo: dict[ServiceKey, tuple[ServiceEntry, _Claims, ServiceOutput]] = {}
-        translated = 0
+        changed: list[ServiceKey] = []
         for entry in mesh:
             key = entry.service.key
             previous = self._memo.get(key)
@@ -274,7 +275,7 @@ class Translator:
                 memo[key] = previous
                 continue
             memo[key] = (entry, claims[key], self._translate_service(entry, claims[key]))
-            translated += 1
+            changed.append(key)
         self._memo = memo
 
         clusters: dict[str, Resource] = {}
@@ -334,7 +335,8 @@ class Translator:
                 ROUTE: routes,
             },
             problems=tuple(problems),
-            translated=translated,
+            translated=len(changed),
+            changed=tuple(changed),
         )
 
     def _address(self, name: str, port: int, problems: list[Problem]) -> address_pb2.Address | None:

@@ -123,10 +123,11 @@ class StreamBase(Generic[S]):
         self,
         peer: str = "",
         types: tuple[str, ...] = ADS_ORDER,
-        on_reply: Callable[[str, bool, float], None] | None = None,
+        on_reply: Callable[[str, str | None, float], None] | None = None,
     ) -> None:
         self.peer = peer
-        # Told of every ACK (True) or NACK (False) with the seconds since the response went out.
+        # Told of every reply: the type, None for an ACK or the NACK's message, and the seconds
+        # since the response went out.
         self._on_reply = on_reply
         self.allowed_types = types
         self.node_id = ""
@@ -167,7 +168,7 @@ class StreamBase(Generic[S]):
         state.awaiting_ack = False
         changes, state.sent_changes = state.sent_changes, {}
         if self._on_reply is not None:
-            self._on_reply(state.type_url, error_message is None, time.monotonic() - state.sent_at)
+            self._on_reply(state.type_url, error_message, time.monotonic() - state.sent_at)
         if error_message is not None:
             state.nacks += 1
             state.nack = Nack(state.sent_version or "", error_message, time.time())

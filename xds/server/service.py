@@ -20,6 +20,7 @@ from xds.cache import Cache, Snapshot
 from xds.resources import ADS_ORDER, CLUSTER, ENDPOINT, LISTENER, ROUTE
 from xds.server.delta import DeltaResponse, DeltaStream
 from xds.server.protocol import Response, SotwStream
+from xds.server.tracing import PushTraces
 from xds.server.views import PerTypeViews, Rewrite, SnapshotView
 
 if TYPE_CHECKING:
@@ -105,9 +106,15 @@ class DiscoveryServer:
         api_type: str | None,
     ) -> grpc.RpcMethodHandler:
         async def handle(_requests: object, context: grpc.aio.ServicerContext) -> None:
-            on_reply = self.metrics.replied if self.metrics is not None else None
+            traces = PushTraces()
+
+            def on_reply(type_url: str, error_message: str | None, seconds: float) -> None:
+                if self.metrics is not None:
+                    self.metrics.replied(type_url, error_message, seconds)
+                traces.replied(type_url, error_message)
+
             stream = stream_type(peer=context.peer(), types=types, on_reply=on_reply)
-            await self.serve(context, stream, api_type)
+            await self.serve(context, stream, api_type, traces)
 
         return grpc.stream_stream_rpc_method_handler(
             handle, request_deserializer=request_type.FromString, response_serializer=_identity
@@ -118,6 +125,7 @@ class DiscoveryServer:
         context: grpc.aio.ServicerContext,
         stream: SotwStream | DeltaStream,
         api_type: str | None = None,
+        traces: PushTraces | None = None,
     ) -> None:
         """Feeds one stream its requests and every new snapshot until the client goes away.
         `api_type` names a per-type client's API type (GRPC, DELTA_GRPC); None for ADS."""
@@ -153,6 +161,10 @@ class DiscoveryServer:
                     data = response.encode()
                     if self.metrics is not None:
                         self.metrics.pushed(response.type_url, len(data))
+                    if traces is not None:
+                        traces.pushed(
+                            response, len(data), snapshot.trace_context, stream.node_id, stream.peer
+                        )
                     await context.write(data)
         finally:
             for task in (read, wake):
@@ -160,6 +172,8 @@ class DiscoveryServer:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             del self.streams[stream_id]
+            if traces is not None:
+                traces.close()
 
     def subscriptions(self) -> list[str]:
         """The type URL of every (stream, type) subscription: connected clients by type."""

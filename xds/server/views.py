@@ -33,6 +33,10 @@ class SnapshotView:
             self._types[type_url] = (items, type_version(items.values()))
         return self._types[type_url]
 
+    @property
+    def trace_context(self) -> object:
+        return self.snapshot.trace_context
+
     def of_type(self, type_url: str) -> Mapping[str, Resource]:
         if type_url not in REWRITTEN_TYPES:
             return self.snapshot.of_type(type_url)

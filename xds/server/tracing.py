@@ -1,0 +1,71 @@
+"""Push spans: one per response, from its write to the client's ACK or NACK, in the trace of the
+change whose snapshot it carries. Uses the OpenTelemetry API only: without an SDK installed at the
+entry point every call here is a no-op, and attributes are not even computed."""
+
+from __future__ import annotations
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, Status, StatusCode
+
+from xds.resources import SHORT_NAMES
+from xds.server.delta import DeltaResponse
+from xds.server.protocol import Response
+
+tracer = trace.get_tracer("xds.server")
+
+
+class PushTraces:
+    """The open push spans of one stream, by resource type."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, Span] = {}
+
+    def pushed(
+        self,
+        response: Response | DeltaResponse,
+        size: int,
+        trace_context: object,
+        node_id: str,
+        peer: str,
+    ) -> None:
+        short = SHORT_NAMES.get(response.type_url, response.type_url)
+        span = tracer.start_span(f"push {short}", context=trace_context)  # type: ignore[arg-type]
+        if span.is_recording():
+            version = (
+                response.version if isinstance(response, Response) else response.system_version
+            )
+            span.set_attributes(
+                {
+                    "xds.type": short,
+                    "xds.version": version,
+                    "xds.nonce": response.nonce,
+                    "xds.node_id": node_id,
+                    "xds.peer": peer,
+                    "xds.resource_count": len(response.resources),
+                    "xds.bytes": size,
+                }
+            )
+            if isinstance(response, DeltaResponse):
+                span.set_attribute("xds.removed_count", len(response.removed))
+        superseded = self._open.pop(response.type_url, None)
+        if superseded is not None:
+            superseded.end()
+        self._open[response.type_url] = span
+
+    def replied(self, type_url: str, error_message: str | None) -> None:
+        span = self._open.pop(type_url, None)
+        if span is None:
+            return
+        if span.is_recording():
+            span.set_attribute("xds.outcome", "ACK" if error_message is None else "NACK")
+            if error_message is not None:
+                span.set_attribute("xds.nack_message", error_message[-2000:])
+                span.set_status(Status(StatusCode.ERROR, "NACK"))
+        span.end()
+
+    def close(self) -> None:
+        for span in self._open.values():
+            if span.is_recording():
+                span.set_attribute("xds.outcome", "disconnected")
+            span.end()
+        self._open.clear()
