@@ -206,6 +206,15 @@ async def test_a_hundred_reconnects_mid_push_converge_every_time(tmp_path: Path,
         await plane.stop()
 
 
+def settled(plane: ControlPlane) -> bool:
+    """One client, and every type it asked for acknowledged."""
+    clients = plane.server.syncz()
+    return len(clients) == 1 and all(
+        state["acked_version"] and not state["awaiting_ack"]
+        for state in clients[0]["types"].values()
+    )
+
+
 @pytest.mark.parametrize("mode", ["ads", "delta-ads"])
 async def test_an_envoy_moving_to_another_replica_receives_nothing_new(tmp_path: Path, mode: str):
     manifests = tmp_path / "manifests"
@@ -231,6 +240,7 @@ async def test_an_envoy_moving_to_another_replica_receives_nothing_new(tmp_path:
     try:
         await envoy.start()
         await wait_for(lambda: converged(envoy, first), 20, what="convergence on replica one")
+        await wait_for(lambda: settled(first), 20, what="Envoy settled on replica one")
         before = await envoy.stats("cluster_manager")
         listeners_before = await envoy.stats("listener_manager")
         [on_first] = first.server.syncz()
@@ -239,14 +249,7 @@ async def test_an_envoy_moving_to_another_replica_receives_nothing_new(tmp_path:
         relay.target_port = second_ports.xds
         assert relay.cut() > 0
 
-        def settled_on_second() -> bool:
-            clients = second.server.syncz()
-            return bool(clients) and all(
-                state["acked_version"] and not state["awaiting_ack"]
-                for state in clients[0]["types"].values()
-            )
-
-        await wait_for(settled_on_second, 20, what="Envoy settled on replica two")
+        await wait_for(lambda: settled(second), 20, what="Envoy settled on replica two")
         assert await converged(envoy, second)
         [client] = second.server.syncz()
         for short, state in client["types"].items():
