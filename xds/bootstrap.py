@@ -6,7 +6,7 @@ import ipaddress
 import json
 from typing import Any
 
-from xds.config import XDS_CLUSTER_NAME
+from xds.config import OTEL_CLUSTER_NAME, XDS_CLUSTER_NAME
 
 XDS_CLUSTER = XDS_CLUSTER_NAME
 
@@ -28,6 +28,7 @@ def _is_ip(host: str) -> bool:
 
 
 MODES = ("ads", "xds", "delta-ads", "delta")
+PROTOCOL_OPTIONS_TYPE = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 def _grpc_source(delta: bool) -> dict[str, Any]:
@@ -52,6 +53,27 @@ def dynamic_resources(mode: str) -> dict[str, Any]:
     return {"cds_config": per_type, "lds_config": per_type}
 
 
+def grpc_cluster(name: str, address: str) -> dict[str, Any]:
+    """A static cluster speaking HTTP/2 (gRPC) to HOST:PORT: the control plane, or a collector."""
+    host, port = parse_address(address)
+    endpoint = {"address": {"socket_address": {"address": host, "port_value": port}}}
+    return {
+        "name": name,
+        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": PROTOCOL_OPTIONS_TYPE,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": endpoint}]}],
+        },
+    }
+
+
 def bootstrap(
     node_id: str,
     xds_address: str,
@@ -59,50 +81,21 @@ def bootstrap(
     admin_address: str = "127.0.0.1",
     node_cluster: str = "xds-proxies",
     mode: str = "ads",
+    otel_collector: str | None = None,
 ) -> dict[str, Any]:
-    """The bootstrap as a dict in Envoy's JSON/YAML shape."""
-    host, port = parse_address(xds_address)
+    """The bootstrap as a dict in Envoy's JSON/YAML shape. With `otel_collector` (HOST:PORT of an
+    OTLP/gRPC collector) it defines the cluster `otel_collector` that request tracing sends to
+    (`xds serve --tracing-cluster otel_collector`)."""
+    clusters = [grpc_cluster(XDS_CLUSTER, xds_address)]
+    if otel_collector is not None:
+        clusters.append(grpc_cluster(OTEL_CLUSTER_NAME, otel_collector))
     return {
         "node": {"id": node_id, "cluster": node_cluster},
         "admin": {
             "address": {"socket_address": {"address": admin_address, "port_value": admin_port}}
         },
         "dynamic_resources": dynamic_resources(mode),
-        "static_resources": {
-            "clusters": [
-                {
-                    "name": XDS_CLUSTER,
-                    "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
-                    "connect_timeout": "1s",
-                    "typed_extension_protocol_options": {
-                        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                            "@type": "type.googleapis.com/"
-                            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                            "explicit_http_config": {"http2_protocol_options": {}},
-                        }
-                    },
-                    "load_assignment": {
-                        "cluster_name": XDS_CLUSTER,
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {
-                                                    "address": host,
-                                                    "port_value": port,
-                                                }
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                }
-            ]
-        },
+        "static_resources": {"clusters": clusters},
         "layered_runtime": {
             "layers": [{"name": "static", "static_layer": {}}, {"name": "admin", "admin_layer": {}}]
         },

@@ -29,6 +29,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         listener_address=args.listener_address,
         lb_policy=args.lb_policy,
         cluster_domain=args.cluster_domain,
+        tracing_cluster=args.tracing_cluster,
     )
 
 
@@ -77,6 +78,12 @@ def _add_translation_options(parser: argparse.ArgumentParser, kubernetes: bool =
         default="cluster.local",
         help="cluster DNS domain used in virtual host names",
     )
+    parser.add_argument(
+        "--tracing-cluster",
+        metavar="NAME",
+        help="trace requests in Envoy, sending spans to this bootstrap cluster "
+        "(otel_collector with xds bootstrap --otel-collector)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--node-cluster", default="xds-proxies")
     boot.add_argument("--xds-address", required=True, metavar="HOST:PORT")
     boot.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (loopback)")
+    boot.add_argument(
+        "--otel-collector",
+        metavar="HOST:PORT",
+        help="an OTLP/gRPC collector for request traces: defines the cluster otel_collector",
+    )
     boot.add_argument(
         "--mode",
         default="ads",
@@ -202,6 +214,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
             xds_address=args.xds_address,
             admin_port=args.admin_port,
             mode=args.mode,
+            otel_collector=args.otel_collector,
         ),
         end="",
     )

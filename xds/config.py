@@ -8,6 +8,8 @@ from pathlib import Path
 LB_POLICIES = ("RANDOM", "ROUND_ROBIN", "LEAST_REQUEST")
 # The name generated bootstraps give the cluster that reaches the control plane.
 XDS_CLUSTER_NAME = "xds_cluster"
+# The name generated bootstraps give the cluster that reaches an OpenTelemetry collector.
+OTEL_CLUSTER_NAME = "otel_collector"
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,11 @@ class Settings:
     cluster_domain: str = "cluster.local"
     listener_address: str = "0.0.0.0"
     listener_port_offset: int = 0
+    # Envoy request tracing: the name of a cluster in Envoy's bootstrap that reaches an OTLP/gRPC
+    # collector (`xds bootstrap --otel-collector` defines `otel_collector`); None: no tracing.
+    tracing_cluster: str | None = None
+    tracing_service_name: str = "envoy"
+    tracing_sampling_percent: float = 100.0
     # Clients on per-type streams are told to fetch endpoints and routes through this cluster.
     xds_cluster_name: str = XDS_CLUSTER_NAME
 

@@ -127,12 +127,17 @@ class Envoy:
         workdir: Path | None = None,
         extra_args: tuple[str, ...] = (),
         customize: Callable[[dict[str, Any]], None] | None = None,
+        otel_collector: str | None = None,
     ) -> None:
         self.admin_port = free_port()
         self.node_id = node_id
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="envoy-"))
         config = bootstrap(
-            node_id=node_id, xds_address=xds_address, admin_port=self.admin_port, mode=mode
+            node_id=node_id,
+            xds_address=xds_address,
+            admin_port=self.admin_port,
+            mode=mode,
+            otel_collector=otel_collector,
         )
         if customize is not None:
             customize(config)

@@ -46,7 +46,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, TypeVar
 
-from google.protobuf import any_pb2, duration_pb2, json_format
+from google.protobuf import any_pb2, duration_pb2, json_format, wrappers_pb2
 from google.protobuf.message import Message
 
 from xds import resources
@@ -63,6 +63,7 @@ from xds._pb.envoy.config.core.v3 import (
 from xds._pb.envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from xds._pb.envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from xds._pb.envoy.config.route.v3 import route_components_pb2, route_pb2
+from xds._pb.envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2
 from xds._pb.envoy.extensions.filters.http.router.v3 import router_pb2
 from xds._pb.envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -72,6 +73,7 @@ from xds._pb.envoy.extensions.load_balancing_policies.least_request.v3 import le
 from xds._pb.envoy.extensions.load_balancing_policies.random.v3 import random_pb2
 from xds._pb.envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2
 from xds._pb.envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from xds._pb.envoy.type.v3 import percent_pb2
 from xds.config import LB_POLICIES, Settings
 from xds.model import (
     EndpointGroup,
@@ -396,6 +398,8 @@ class Translator:
                 )
             ],
         )
+        if self.settings.tracing_cluster:
+            manager.tracing.CopyFrom(self._tracing())
         listener = listener_pb2.Listener(
             name=name,
             address=address,
@@ -413,6 +417,26 @@ class Translator:
         resource = Resource.from_message(name, listener, refs=((ROUTE, route_name(port)),))
         self._listeners[port] = resource
         return resource
+
+    def _tracing(self) -> hcm_pb2.HttpConnectionManager.Tracing:
+        """Request spans to an OTLP collector through the Envoy cluster named in the settings
+        (the bootstrap defines it). Envoy propagates W3C trace context to the upstreams."""
+        provider = opentelemetry_pb2.OpenTelemetryConfig(
+            grpc_service=grpc_service_pb2.GrpcService(
+                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
+                    cluster_name=self.settings.tracing_cluster or ""
+                ),
+                timeout=_duration(1.0),
+            ),
+            service_name=self.settings.tracing_service_name,
+        )
+        return hcm_pb2.HttpConnectionManager.Tracing(
+            provider=http_tracer_pb2.Tracing.Http(
+                name="envoy.tracers.opentelemetry", typed_config=_any(provider)
+            ),
+            random_sampling=percent_pb2.Percent(value=self.settings.tracing_sampling_percent),
+            spawn_upstream_span=wrappers_pb2.BoolValue(value=True),
+        )
 
     def _translate_service(self, entry: ServiceEntry, claims: _Claims) -> ServiceOutput:
         service = entry.service

@@ -19,6 +19,8 @@ class PushTraces:
 
     def __init__(self) -> None:
         self._open: dict[str, Span] = {}
+        # Without an SDK installed the API hands out a proxy provider: skip even the no-op spans.
+        self.enabled = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
     def pushed(
         self,
@@ -28,6 +30,8 @@ class PushTraces:
         node_id: str,
         peer: str,
     ) -> None:
+        if not self.enabled:
+            return
         short = SHORT_NAMES.get(response.type_url, response.type_url)
         span = tracer.start_span(f"push {short}", context=trace_context)  # type: ignore[arg-type]
         if span.is_recording():
