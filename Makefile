@@ -25,4 +25,5 @@ test: lint
 
 bench: install
 	$(BIN)/python bench/snapshot_build.py
-	$(BIN)/python bench/propagation.py
+	$(BIN)/python bench/propagation.py --mode ads --mode xds --mode delta-ads --mode delta
+	$(BIN)/python bench/tracing_overhead.py
