@@ -262,7 +262,7 @@ class KubeSource:
         """Runs the informers until cancelled; `notify` after every change once synced."""
         loop = asyncio.get_running_loop()
         api = self._api or await asyncio.to_thread(api_client, self.settings)
-        slices = await asyncio.to_thread(endpoint_slices_served, api)
+        slices = await self._discover(api)
         if not slices:
             log.warning("EndpointSlices are not served here: watching Endpoints instead")
         kinds = (SERVICES, ENDPOINT_SLICES if slices else ENDPOINTS)
@@ -287,6 +287,18 @@ class KubeSource:
         finally:
             for informer in self.informers:
                 informer.stop()
+
+    async def _discover(self, api: client.ApiClient) -> bool:
+        """Whether EndpointSlices are served, asking until the API server answers."""
+        delays = backoff.expo(base=2, factor=0.25, max_value=self.settings.max_backoff_s)
+        next(delays)
+        while True:
+            try:
+                return await asyncio.to_thread(endpoint_slices_served, api)
+            except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+                delay = backoff.full_jitter(next(delays))
+                log.warning("API server discovery failed (%s); retrying in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
 
     def _changed(self, notify: Callable[[], None]) -> None:
         self.events += 1
