@@ -365,19 +365,7 @@ class Translator:
         if address is None:
             return None
         proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=f"tcp_{port}", cluster=cluster)
-        listener = listener_pb2.Listener(
-            name=name,
-            address=address,
-            filter_chains=[
-                listener_components_pb2.FilterChain(
-                    filters=[
-                        listener_components_pb2.Filter(
-                            name="envoy.filters.network.tcp_proxy", typed_config=_any(proxy)
-                        )
-                    ]
-                )
-            ],
-        )
+        listener = _listener_with(name, address, "envoy.filters.network.tcp_proxy", proxy)
         return Resource.from_message(name, listener, refs=((CLUSTER, cluster),))
 
     def _listener(self, port: int, problems: list[Problem]) -> Resource | None:
@@ -400,19 +388,8 @@ class Translator:
         )
         if self.settings.tracing_cluster:
             manager.tracing.CopyFrom(self._tracing())
-        listener = listener_pb2.Listener(
-            name=name,
-            address=address,
-            filter_chains=[
-                listener_components_pb2.FilterChain(
-                    filters=[
-                        listener_components_pb2.Filter(
-                            name="envoy.filters.network.http_connection_manager",
-                            typed_config=_any(manager),
-                        )
-                    ]
-                )
-            ],
+        listener = _listener_with(
+            name, address, "envoy.filters.network.http_connection_manager", manager
         )
         resource = Resource.from_message(name, listener, refs=((ROUTE, route_name(port)),))
         self._listeners[port] = resource
@@ -599,6 +576,18 @@ class Translator:
             ip = service.cluster_ip
             bases.append(f"[{ip}]" if ipaddress.ip_address(ip).version == 6 else ip)
         return [domain for base in bases for domain in (base, f"{base}:{port.port}")]
+
+
+def _listener_with(
+    name: str, address: address_pb2.Address, filter_name: str, config: Message
+) -> listener_pb2.Listener:
+    """A listener with one filter chain of one network filter."""
+    network_filter = listener_components_pb2.Filter(name=filter_name, typed_config=_any(config))
+    return listener_pb2.Listener(
+        name=name,
+        address=address,
+        filter_chains=[listener_components_pb2.FilterChain(filters=[network_filter])],
+    )
 
 
 def _annotation(
