@@ -64,6 +64,16 @@ async def test_metrics_syncz_and_status_follow_a_real_envoy(mesh: Mesh):
         envoy_versions = {c["version_info"] for c in clusters["dynamic_active_clusters"]}
         assert envoy_versions == {client["types"]["CDS"]["acked_version"]}
 
+        # /debug/config_dump, filtered by type and name, shows what is served.
+        query = "type=CDS&name=default/web:http"
+        async with mesh.session.get(f"{mesh.admin_url}/debug/config_dump?{query}") as response:
+            dumped = await response.json()
+        assert list(dumped) == ["CDS"]
+        [cluster] = dumped["CDS"]["resources"]
+        assert cluster["resource"]["edsClusterConfig"]["serviceName"] == "default/web:http"
+        async with mesh.session.get(f"{mesh.admin_url}/debug/config_dump?type=XYZ") as response:
+            assert response.status == 400
+
         # A NACK moves the NACK counter, and only it.
         nacks = value(samples, "xds_nacks_total", type="CDS")
         publish(
