@@ -113,6 +113,8 @@ class ControlPlane:
         if isinstance(self.source, ManifestSource):
             self.source.reload()
             await self.rebuild()
+        else:
+            self.source.connect()  # a missing kubeconfig is a clear error now, not a dead task
         try:
             self._grpc, xds_port = await start_server(
                 self.server, self.settings.xds_host, self.settings.xds_port

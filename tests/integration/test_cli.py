@@ -104,3 +104,11 @@ def test_demo_runs_and_spreads_traffic_over_the_three_backends():
         count = int(final.split(backend, 1)[1].split()[0].replace(",", ""))
         assert count > 30, (backend, final)
     assert "stopped: traffic, Envoy, backends, control plane" in result.stdout
+
+
+def test_serve_kubernetes_without_a_cluster_says_what_is_missing(tmp_path: Path):
+    missing = tmp_path / "no-such-kubeconfig"
+    result = xds("serve", "--kubernetes", "--kubeconfig", str(missing), "--xds-port", "0")
+    assert result.returncode == 2
+    assert f"cannot configure the Kubernetes client from {missing}" in result.stderr
+    assert "Traceback" not in result.stderr

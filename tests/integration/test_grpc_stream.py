@@ -37,6 +37,18 @@ async def served():
         await grpc_server.stop(None)
 
 
+def ads_call(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
+    return ads_method(channel)()
+
+
+def ads_method(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamMultiCallable:
+    return channel.stream_stream(
+        ADS_METHOD,
+        request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+        response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+    )
+
+
 async def wait_until(predicate, timeout: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():
@@ -47,11 +59,7 @@ async def wait_until(predicate, timeout: float = 5.0) -> None:
 
 async def test_ads_stream_answers_acks_wakes_on_publish_and_cleans_up(served):
     cache, server, channel = served
-    call = channel.stream_stream(
-        ADS_METHOD,
-        request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
-        response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
-    )()
+    call = ads_call(channel)
     await call.write(discovery_pb2.DiscoveryRequest(type_url=CLUSTER, node={"id": "test-node"}))
     first = await asyncio.wait_for(call.read(), 5)
     assert first.version_info == cache.snapshot.version(CLUSTER)
@@ -79,11 +87,7 @@ async def test_cancelled_streams_leave_nothing_behind(served):
     _, server, channel = served
     tasks_before = len(asyncio.all_tasks())
     for _ in range(50):
-        call = channel.stream_stream(
-            ADS_METHOD,
-            request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
-            response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
-        )()
+        call = ads_call(channel)
         await call.write(discovery_pb2.DiscoveryRequest(type_url=CLUSTER))
         await asyncio.wait_for(call.read(), 5)
         call.cancel()
@@ -93,11 +97,7 @@ async def test_cancelled_streams_leave_nothing_behind(served):
 
 async def test_a_client_that_never_acks_gets_one_response_per_type(served):
     cache, server, channel = served
-    call = channel.stream_stream(
-        ADS_METHOD,
-        request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
-        response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
-    )()
+    call = ads_call(channel)
     await call.write(discovery_pb2.DiscoveryRequest(type_url=CLUSTER))
     await call.write(
         discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=["ns/a:http"])
@@ -120,11 +120,7 @@ async def test_ten_thousand_connect_disconnect_cycles_leave_tasks_and_memory_fla
     import tracemalloc
 
     _, server, channel = served
-    method = channel.stream_stream(
-        ADS_METHOD,
-        request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
-        response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
-    )
+    method = ads_method(channel)
 
     async def cycles(count: int) -> None:
         for index in range(count):

@@ -15,6 +15,12 @@ returns the responses to send, in order. The rules it keeps (from the xDS protoc
   empty first request for Clusters or Listeners is the legacy wildcard; `*` is the explicit one.
 - Make-before-break: types go out in the order CDS, EDS, LDS, RDS, and clusters that disappear are
   kept in one more CDS response until the listeners and routes that may still use them are acked.
+- Envoy rejects a whole response when one resource in it is invalid. After such a NACK the changes
+  of that response are retried one per response; a version rejected alone is quarantined (the
+  client keeps its accepted version of that resource) and everything else is delivered.
+- Endpoints are asked for by a cluster the client is warming, and Envoy holds its CDS ACK until
+  they come: a name the snapshot lacks is answered with an empty assignment, and endpoints (and
+  routes) are answered again after a cluster (listener) change even if the request looks the same.
 """
 
 from __future__ import annotations
@@ -283,6 +289,7 @@ class StreamBase(Generic[S]):
             "node_id": self.node_id,
             "node_cluster": self.node_cluster,
             "peer": self.peer,
+            "connected_at": self.opened_at,
             "types": {
                 SHORT_NAMES.get(url, url): {
                     "wildcard": s.wildcard,

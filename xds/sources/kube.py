@@ -57,15 +57,24 @@ ENDPOINTS = _Kind("endpoints", "Endpoints", "v1")
 
 
 def api_client(settings: KubeSettings) -> client.ApiClient:
+    """A client for the configured cluster; ValueError saying what is missing when there is none
+    (no kubeconfig, or not running in a pod)."""
     configuration = client.Configuration()
-    if settings.kubeconfig is None and settings.context is None:
-        config.load_incluster_config(client_configuration=configuration)
-    else:
-        config.load_kube_config(
-            config_file=settings.kubeconfig,
-            context=settings.context,
-            client_configuration=configuration,
-        )
+    try:
+        if settings.kubeconfig is None and settings.context is None:
+            config.load_incluster_config(client_configuration=configuration)
+        else:
+            config.load_kube_config(
+                config_file=settings.kubeconfig,
+                context=settings.context,
+                client_configuration=configuration,
+            )
+    except (config.ConfigException, OSError) as exc:
+        where = settings.kubeconfig or ("context " + settings.context if settings.context else "")
+        raise ValueError(
+            f"cannot configure the Kubernetes client{' from ' + where if where else ''}: {exc}"
+            + ("" if where else " (outside a cluster, give --kubeconfig or --context)")
+        ) from exc
     return client.ApiClient(configuration)
 
 
@@ -252,6 +261,12 @@ class KubeSource:
         self.synced = asyncio.Event()
         self.events = 0
 
+    def connect(self) -> client.ApiClient:
+        """Loads the client configuration once: called at start, so a missing one fails early."""
+        if self._api is None:
+            self._api = api_client(self.settings)
+        return self._api
+
     def mesh(self) -> Mesh:
         return self._mesh
 
@@ -261,7 +276,7 @@ class KubeSource:
     async def watch(self, notify: Callable[[], None]) -> None:
         """Runs the informers until cancelled; `notify` after every change once synced."""
         loop = asyncio.get_running_loop()
-        api = self._api or await asyncio.to_thread(api_client, self.settings)
+        api = self.connect()
         slices = await self._discover(api)
         if not slices:
             log.warning("EndpointSlices are not served here: watching Endpoints instead")
