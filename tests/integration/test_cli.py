@@ -44,6 +44,28 @@ def test_bootstrap_passes_envoy_validation(tmp_path: Path, mode: str, node_id: s
     }
 
 
+def test_bootstrap_with_default_arguments_passes_envoy_validation(tmp_path: Path):
+    result = xds("bootstrap", "--node-id", "proxy-1", "--xds-address", "127.0.0.1:18000")
+    assert result.returncode == 0, result.stderr
+    config = tmp_path / "bootstrap.yaml"
+    config.write_text(result.stdout)
+    check = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+    parsed = json.loads(result.stdout)
+    # The defaults: admin on loopback 9901, ADS, the control plane as a static cluster.
+    assert parsed["admin"]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": 9901,
+    }
+    assert parsed["dynamic_resources"]["ads_config"]["api_type"] == "GRPC"
+    [xds_cluster] = parsed["static_resources"]["clusters"]
+    endpoint = xds_cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    assert endpoint["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 18000}
+
+
 def test_bootstrap_rejects_a_bad_address():
     result = xds("bootstrap", "--node-id", "x", "--xds-address", "no-port")
     assert result.returncode == 2

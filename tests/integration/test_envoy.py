@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 
 from scipy.stats import chisquare
 
@@ -31,7 +32,15 @@ async def test_two_services_on_one_port_are_routed_by_host(mesh: Mesh):
         )
         await routed_to(mesh, "web.default", {"web-1"})
         port = mesh.service_port
-        for host in ("web", f"web:{port}", "web.default.svc.cluster.local", f"10.96.0.10:{port}"):
+        web_hosts = (
+            "web",
+            f"web:{port}",
+            "web.default.svc.cluster.local",
+            f"web.default.svc.cluster.local:{port}",
+            "10.96.0.10",
+            f"10.96.0.10:{port}",
+        )
+        for host in web_hosts:
             assert await request_backend(mesh.session, mesh.url, host) == "web-1", host
         for host in ("api.prod", f"api.prod.svc:{port}", "10.96.0.11"):
             assert await request_backend(mesh.session, mesh.url, host) == "api-1", host
@@ -45,6 +54,13 @@ async def test_random_balancing_is_uniform_and_not_round_robin(mesh: Mesh):
             service("web", mesh.service_port),
             endpoint_slice("web", [b.host for b in started], started[0].port),
         )
+        expected = {f"{b.host}:{b.port}" for b in started}
+
+        async def eds_complete() -> bool:
+            return (await mesh.envoy.endpoints()).get("default/web:http") == expected
+
+        # Envoy's own view first (admin /clusters): all three endpoints, healthy, before counting.
+        await wait_for(eds_complete, 15, what="Envoy's cluster default/web:http with 3 endpoints")
         await routed_to(mesh, "web.default", {"b1", "b2", "b3"})
         # One request at a time over one keep-alive connection: the order is Envoy's choices.
         order = await spread(mesh.session, mesh.url, "web.default", 3_000, concurrency=1)
@@ -58,10 +74,32 @@ async def test_random_balancing_is_uniform_and_not_round_robin(mesh: Mesh):
     assert 0.27 < repeats < 0.40, repeats  # random: ~1/3; round-robin: 0
 
 
+Answer = tuple[float, float, str | None]  # (sent, answered, backend) of one request
+
+
+async def timeline(
+    mesh: Mesh, done: Callable[[list[Answer]], bool], timeout: float = 10.0, limit: int = 20_000
+) -> list[Answer]:
+    """Requests one at a time through Envoy, each with its times, until `done` holds; bounded in
+    time and count. One at a time, so the order of answers is the order of Envoy's choices."""
+    answers: list[Answer] = []
+    deadline = time.perf_counter() + timeout
+    while not done(answers):
+        if time.perf_counter() > deadline or len(answers) >= limit:
+            tail = [name for _, _, name in answers[-20:]]
+            raise TimeoutError(f"not done after {len(answers)} requests; last answers: {tail}")
+        sent = time.perf_counter()
+        name = await request_backend(mesh.session, mesh.url, "web.default")
+        answers.append((sent, time.perf_counter(), name))
+    return answers
+
+
 async def test_endpoint_removal_and_addition_follow_the_manifest(mesh: Mesh):
+    clean_run = 50  # consecutive requests without the removed backend that count as "gone"
     async with backends(["b1", "b2", "b3"]) as started:
         path = mesh.manifests / "mesh.yaml"
         port = started[0].port
+        b3 = started[2]
 
         def publish(hosts: list[str]) -> float:
             write_manifests(
@@ -73,32 +111,37 @@ async def test_endpoint_removal_and_addition_follow_the_manifest(mesh: Mesh):
         await routed_to(mesh, "web.default", {"b1", "b2", "b3"})
 
         written = publish(["127.0.0.1", "127.0.0.2"])
-        removed_at = None
 
-        async def b3_gone() -> bool:
-            nonlocal removed_at
-            before = started[2].requests
-            answers = await spread(mesh.session, mesh.url, "web.default", 30, concurrency=1)
-            if started[2].requests == before and set(answers) == {"b1", "b2"}:
-                removed_at = removed_at or time.perf_counter()
-                return True
-            removed_at = None
-            return False
+        def b3_gone(answers: list[Answer]) -> bool:
+            recent = [name for _, _, name in answers[-clean_run:]]
+            return len(recent) == clean_run and "b3" not in recent
 
-        await wait_for(b3_gone, 10, interval=0.01, what="no traffic to the removed endpoint")
-        assert removed_at is not None
-        removal_s = removed_at - written
+        removal = await timeline(mesh, b3_gone)
+        names = [name for _, _, name in removal]
+        # Envoy drops a removed host between requests: no request may fail for it.
+        assert None not in names, names
+        to_b3 = [answered for _, answered, name in removal if name == "b3"]
+        last_to_removed = (
+            f"{(to_b3[-1] - written) * 1000:.0f} ms after the write" if to_b3 else "none after"
+        )
+        gone_from = removal[-clean_run][0] - written  # the clean run's first request was sent
+        # The backend's own count agrees: nothing reaches it any more, by any connection.
+        seen_by_b3 = b3.requests
+        tail = await timeline(mesh, lambda got: len(got) >= clean_run)
+        assert b3.requests == seen_by_b3
+        assert {name for _, _, name in tail} == {"b1", "b2"}
 
         written = publish(["127.0.0.1", "127.0.0.2", "127.0.0.3"])
-
-        async def b3_back() -> bool:
-            await spread(mesh.session, mesh.url, "web.default", 6, concurrency=1)
-            return started[2].requests > 0
-
-        started[2].requests = 0
-        await wait_for(b3_back, 10, interval=0.005, what="traffic to the added endpoint")
-        addition_s = time.perf_counter() - written
-    print(f"endpoint removed in {removal_s * 1000:.0f} ms, added in {addition_s * 1000:.0f} ms")
+        addition = await timeline(mesh, lambda got: bool(got) and got[-1][2] == "b3")
+        assert None not in [name for _, _, name in addition]
+        added = addition[-1][1] - written
+        assert b3.requests > seen_by_b3
+    print(
+        f"endpoint removal: last request to it {last_to_removed}, "
+        f"{clean_run} in a row without it from {gone_from * 1000:.0f} ms "
+        f"({len(to_b3)} of {len(removal)} requests after the write reached it); "
+        f"endpoint addition: first request served by it {added * 1000:.0f} ms after the write"
+    )
 
 
 async def test_rejected_config_is_nacked_recorded_not_resent_and_old_config_serves(mesh: Mesh):
