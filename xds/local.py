@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from xds.bootstrap import bootstrap
+from xds.bootstrap import bootstrap, parse_address
 
 _base_ids = itertools.count(os.getpid() % 10_000 * 10)
 
@@ -129,13 +129,16 @@ class Envoy:
         customize: Callable[[dict[str, Any]], None] | None = None,
         otel_collector: str | None = None,
     ) -> None:
-        self.admin_port = free_port()
+        # Envoy picks its admin port itself (port 0) and writes it to a file: a port chosen here
+        # and bound later could be taken in between.
+        self.admin_port = 0
         self.node_id = node_id
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="envoy-"))
+        self.admin_address_path = self.workdir / f"{node_id}.admin"
         config = bootstrap(
             node_id=node_id,
             xds_address=xds_address,
-            admin_port=self.admin_port,
+            admin_port=0,
             mode=mode,
             otel_collector=otel_collector,
         )
@@ -153,6 +156,8 @@ class Envoy:
         return f"http://127.0.0.1:{self.admin_port}"
 
     async def start(self, timeout: float = 20.0) -> Envoy:
+        self.admin_address_path.unlink(missing_ok=True)
+        self.admin_port = 0
         log = self.log_path.open("wb")
         self.process = await asyncio.create_subprocess_exec(
             envoy_binary(),
@@ -165,6 +170,8 @@ class Envoy:
             "--log-level",
             "warn",
             "--disable-hot-restart",
+            "--admin-address-path",
+            str(self.admin_address_path),
             *self.extra_args,
             stdout=log,
             stderr=asyncio.subprocess.STDOUT,
@@ -181,6 +188,15 @@ class Envoy:
     async def _live(self) -> bool:
         if self.process is not None and self.process.returncode is not None:
             raise RuntimeError(f"Envoy exited with {self.process.returncode}:\n{self.log_tail()}")
+        if not self.admin_port:
+            try:
+                address = self.admin_address_path.read_text().strip()
+            except FileNotFoundError:
+                return False
+            try:
+                self.admin_port = parse_address(address)[1]
+            except ValueError:
+                return False  # not written yet, or not whole yet
         try:
             async with self.session.get(f"{self.admin}/ready") as response:
                 return response.status == 200
