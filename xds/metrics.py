@@ -15,13 +15,9 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from xds.resources import SHORT_NAMES
+from xds.resources import short_name
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-def _short(type_url: str) -> str:
-    return SHORT_NAMES.get(type_url, type_url.rsplit(".", 1)[-1])
 
 
 class _State(Collector):
@@ -39,7 +35,7 @@ class _State(Collector):
         clients = GaugeMetricFamily(
             "xds_connected_clients", "Streams subscribed to each resource type", labels=["type"]
         )
-        for type_name, count in sorted(Counter(map(_short, self._subscriptions())).items()):
+        for type_name, count in sorted(Counter(map(short_name, self._subscriptions())).items()):
             clients.add_metric([type_name], count)
         yield clients
         size, counts = self._snapshot_size()
@@ -50,7 +46,7 @@ class _State(Collector):
             "xds_snapshot_resources", "Resources in the current snapshot", labels=["type"]
         )
         for type_url, count in sorted(counts.items()):
-            resources.add_metric([_short(type_url)], count)
+            resources.add_metric([short_name(type_url)], count)
         yield resources
 
 
@@ -97,12 +93,12 @@ class Metrics:
     # -- what the stages report -----------------------------------------------------------
 
     def pushed(self, type_url: str, size: int) -> None:
-        self._pushes.labels(_short(type_url)).inc()
-        self._bytes.labels(_short(type_url)).inc(size)
+        self._pushes.labels(short_name(type_url)).inc()
+        self._bytes.labels(short_name(type_url)).inc(size)
 
     def replied(self, type_url: str, error_message: str | None, seconds: float) -> None:
-        (self._acks if error_message is None else self._nacks).labels(_short(type_url)).inc()
-        self._convergence.labels(_short(type_url)).observe(seconds)
+        (self._acks if error_message is None else self._nacks).labels(short_name(type_url)).inc()
+        self._convergence.labels(short_name(type_url)).observe(seconds)
 
     def translated(self, seconds: float) -> None:
         self._translation.observe(seconds)

@@ -32,6 +32,11 @@ SHORT_NAMES = {CLUSTER: "CDS", ENDPOINT: "EDS", LISTENER: "LDS", ROUTE: "RDS"}
 TYPES_BY_SHORT_NAME = {short: url for url, short in SHORT_NAMES.items()}
 
 
+def short_name(type_url: str) -> str:
+    """CDS, EDS, LDS or RDS; for any other type, its message name."""
+    return SHORT_NAMES.get(type_url) or type_url.rsplit(".", 1)[-1]
+
+
 def encode_varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:

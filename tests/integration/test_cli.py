@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from xds.local import envoy_binary
+from xds.local import envoy_validate
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "envoy" / "demo"
@@ -31,10 +31,7 @@ def test_bootstrap_passes_envoy_validation(tmp_path: Path, mode: str, node_id: s
     assert result.returncode == 0, result.stderr
     config = tmp_path / "bootstrap.yaml"
     config.write_text(result.stdout)
-    check = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(config)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    check = envoy_validate(config)
     assert check.returncode == 0, check.stdout + check.stderr
     parsed = json.loads(result.stdout)
     assert parsed["node"]["id"] == node_id
@@ -49,10 +46,7 @@ def test_bootstrap_with_default_arguments_passes_envoy_validation(tmp_path: Path
     assert result.returncode == 0, result.stderr
     config = tmp_path / "bootstrap.yaml"
     config.write_text(result.stdout)
-    check = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(config)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    check = envoy_validate(config)
     assert check.returncode == 0, check.stdout + check.stderr
     parsed = json.loads(result.stdout)
     # The defaults: admin on loopback 9901, ADS, the control plane as a static cluster.

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from xds.cli import build_parser
-from xds.local import envoy_binary
+from xds.local import envoy_validate
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -101,10 +101,7 @@ def test_the_node_proxy_bootstrap_is_current_and_envoy_accepts_it(tmp_path: Path
     assert carried == current, "deploy/03-envoy.yaml is stale: regenerate its bootstrap"
     path = tmp_path / "bootstrap.json"
     path.write_text(carried)
-    check = subprocess.run(
-        [envoy_binary(), "--mode", "validate", "-c", str(path)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    check = envoy_validate(path)
     assert check.returncode == 0, check.stdout + check.stderr
     daemonset = one("DaemonSet", "envoy")
     [container] = daemonset["spec"]["template"]["spec"]["containers"]

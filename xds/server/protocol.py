@@ -41,9 +41,9 @@ from xds.resources import (
     FULL_STATE_TYPES,
     LISTENER,
     ROUTE,
-    SHORT_NAMES,
     Resource,
     encode_len_field,
+    short_name,
     type_version,
 )
 
@@ -187,7 +187,7 @@ class StreamBase(Generic[S]):
                 "NACK from %s (%s) for %s version %s (%s): %s",
                 self.node_id,
                 self.peer,
-                SHORT_NAMES.get(state.type_url, state.type_url),
+                short_name(state.type_url),
                 state.sent_version,
                 "rejected: " + ", ".join(changes)
                 if len(changes) == 1
@@ -291,7 +291,7 @@ class StreamBase(Generic[S]):
             "peer": self.peer,
             "connected_at": self.opened_at,
             "types": {
-                SHORT_NAMES.get(url, url): {
+                short_name(url): {
                     "wildcard": s.wildcard,
                     "subscribed": len(s.names),
                     "sent_version": s.sent_version,

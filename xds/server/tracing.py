@@ -7,7 +7,7 @@ from __future__ import annotations
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
 
-from xds.resources import SHORT_NAMES
+from xds.resources import short_name
 from xds.server.delta import DeltaResponse
 from xds.server.protocol import Response
 
@@ -32,7 +32,7 @@ class PushTraces:
     ) -> None:
         if not self.enabled:
             return
-        short = SHORT_NAMES.get(response.type_url, response.type_url)
+        short = short_name(response.type_url)
         span = tracer.start_span(f"push {short}", context=trace_context)  # type: ignore[arg-type]
         if span.is_recording():
             version = (
