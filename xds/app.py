@@ -200,7 +200,7 @@ class ControlPlane:
     def _log_new_problems(self, problems: tuple[Problem, ...]) -> None:
         current = set(problems)
         for problem in sorted(current - self._logged_problems, key=str):
-            (log.error if problem.severity == "error" else log.warning)("%s", problem)
+            log.log(problem.level, "%s", problem)
         self._logged_problems = current
 
     async def _rebuild_loop(self) -> None:

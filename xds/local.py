@@ -30,10 +30,19 @@ from xds.bootstrap import bootstrap, parse_address
 _base_ids = itertools.count(os.getpid() % 10_000 * 10)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port free now and never returned before by this process: the kernel may hand a just-closed
+    port out again, and two callers (an Envoy listener, a backend) would then collide."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port: int = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 async def wait_for(

@@ -7,6 +7,7 @@ content, which is what lets translation skip a Service whose inputs did not chan
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -137,16 +138,25 @@ class Problem:
     served but probably not as its author meant.
     """
 
-    severity: str  # "error" or "warning"
+    severity: str  # "error", "warning" or "info"
     object: str  # e.g. "Service default/web"
     field: str  # a path like "spec.ports[0].port", or "" for the whole object
     message: str
     location: str = ""  # a file (and document index) or an API path
 
     def __str__(self) -> str:
+        # No severity word: a log record or a printed line carries it once, as its level.
         where = f"{self.location}: " if self.location else ""
         at = f" field {self.field}" if self.field else ""
-        return f"{where}{self.severity}: {self.object}{at}: {self.message}"
+        return f"{where}{self.object}{at}: {self.message}"
+
+    @property
+    def level(self) -> int:
+        """The `logging` level this problem is reported at."""
+        return _LEVELS[self.severity]
+
+
+_LEVELS = {"error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO}
 
 
 def error(obj: str, field_path: str, message: str, location: str = "") -> Problem:
@@ -155,3 +165,8 @@ def error(obj: str, field_path: str, message: str, location: str = "") -> Proble
 
 def warning(obj: str, field_path: str, message: str, location: str = "") -> Problem:
     return Problem("warning", obj, field_path, message, location)
+
+
+def info(obj: str, field_path: str, message: str, location: str = "") -> Problem:
+    """Worth knowing, nothing wrong: served as the input says (a UDP port left out, say)."""
+    return Problem("info", obj, field_path, message, location)

@@ -241,9 +241,9 @@ def test_problems_are_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixtu
         source.reload([path])
         write(path, service_yaml())
         source.reload([path])
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1
-    assert "spec.ports[0].port" in warnings[0].getMessage()
+    reported = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(reported) == 1
+    assert "spec.ports[0].port" in reported[0].getMessage()
     assert any("resolved" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
 
 

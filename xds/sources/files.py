@@ -282,7 +282,7 @@ class ManifestSource:
         current = self.problems()
         for problem in current:
             if problem not in self._logged:
-                log.warning("%s", problem)
+                log.log(problem.level, "%s", problem)
         for problem in self._logged.difference(current):
             log.info("resolved: %s", problem)
         self._logged = set(current)

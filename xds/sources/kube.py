@@ -341,5 +341,5 @@ class KubeSource:
         self._mesh, assembly_problems = assemble(results)
         self._problems = [p for c in results for p in c.problems] + assembly_problems
         for problem in set(self._problems) - self._logged:
-            log.warning("%s", problem)
+            log.log(problem.level, "%s", problem)
         self._logged = set(self._problems)
