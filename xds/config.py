@@ -43,6 +43,10 @@ class Settings:
     tracing_cluster: str | None = None
     tracing_service_name: str = "envoy"
     tracing_sampling_percent: float = 100.0
+    # Ports whose protocol is undeclared are detected from the client's first bytes. A client that
+    # sends nothing for this long (a server-first protocol such as MySQL, which should be declared)
+    # is then proxied as TCP instead of being cut off.
+    protocol_detection_timeout_s: float = 5.0
     # Clients on per-type streams are told to fetch endpoints and routes through this cluster.
     xds_cluster_name: str = XDS_CLUSTER_NAME
 
@@ -58,5 +62,7 @@ class Settings:
             raise ValueError("connect_timeout_s must be positive")
         if not 0 <= self.listener_port_offset < 65535:
             raise ValueError("listener_port_offset must be in [0, 65535)")
+        if self.protocol_detection_timeout_s <= 0:
+            raise ValueError("protocol_detection_timeout_s must be positive")
         if self.debounce_quiet_s < 0 or self.debounce_max_s < self.debounce_quiet_s:
             raise ValueError("need 0 <= debounce_quiet_s <= debounce_max_s")

@@ -4,18 +4,26 @@ Names, in one place:
 
 - Cluster and its ClusterLoadAssignment: `<namespace>/<service>:<port>`, where `<port>` is the
   Service port's name, or its number when unnamed. The EDS service name is the cluster name.
-- Listener: `http:<port>` for each distinct Service port number, bound to
-  `Settings.listener_address` on `<port> + Settings.listener_port_offset`.
-- RouteConfiguration: `http:<port>`, named by that listener's HttpConnectionManager through RDS.
+- Listener: `port:<port>`, one for each distinct Service port number whatever its protocol, bound
+  to `Settings.listener_address` on `<port> + Settings.listener_port_offset`. An address can be
+  bound by one listener only, so every Service on a port number shares its listener, each through
+  filter chains of its own.
+- RouteConfiguration: `http:<port>`, named by the listener's HttpConnectionManager through RDS,
+  holding the virtual hosts of the port's HTTP (and undeclared) Services.
 - Virtual host: `<namespace>/<service>`, one per Service in the route configuration of each of its
   port numbers.
-- TCP ports (appProtocol `tcp`, or a port name `tcp` / `tcp-*`): Listener `tcp:<port>` with a TCP
-  proxy to the port's cluster. A TCP listener forwards to one Service only: when several claim a
-  port, the first by namespace/name wins and the others get an error; an HTTP listener on the same
-  port number wins over any TCP claim.
 
-A port's protocol comes from its appProtocol, else its name's prefix (`http`, `http2`, `grpc`,
-`h2c`, `tcp`), else HTTP; HTTP/2 ports get HTTP/2 upstream connections.
+Each port keeps its protocol (`xds.protocols`): HTTP ports share the HttpConnectionManager of their
+port; TLS ports are passed through, matched by SNI on the Service's host names; TCP ports go
+through tcp_proxy; undeclared ports are detected (http_inspector: HTTP to the connection manager,
+anything else to tcp_proxy). Bytes that are not HTTP carry no host name, so when several Services
+share a port number they are told apart by the destination address, as a node proxy receiving
+redirected traffic sees it: a Service's ClusterIP selects its chain (the `original_dst` listener
+filter restores the address that iptables rewrote). Connections to any other address go to the
+port's default: its HTTP connection manager for HTTP, and for the rest the first Service (by
+namespace/name) that has no ClusterIP, else the first one. A Service that has no ClusterIP and is
+not that default cannot be reached on the port, and gets a warning. TLS Services are also told
+apart by SNI. UDP and SCTP ports are not proxied (an info note).
 
 A virtual host's domains are `svc.ns`, `svc.ns.svc`, `svc.ns.svc.<cluster domain>`, the short
 name `svc` and the ClusterIP, each with and without `:<port>`. Envoy rejects a route configuration
@@ -65,6 +73,9 @@ from xds._pb.envoy.config.listener.v3 import listener_components_pb2, listener_p
 from xds._pb.envoy.config.route.v3 import route_components_pb2, route_pb2
 from xds._pb.envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2
 from xds._pb.envoy.extensions.filters.http.router.v3 import router_pb2
+from xds._pb.envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2
+from xds._pb.envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from xds._pb.envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from xds._pb.envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -84,8 +95,10 @@ from xds.model import (
     ServiceKey,
     ServicePort,
     error,
+    info,
     warning,
 )
+from xds.protocols import Kind, PortProtocol, port_protocol
 from xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource, encode_len_field
 
 ANNOTATION_PREFIX = "xds.dev/"
@@ -95,7 +108,8 @@ CLUSTER_PATCH_ANNOTATION = ANNOTATION_PREFIX + "cluster-patch"
 
 T = TypeVar("T")
 
-HTTP2_PROTOCOLS = frozenset({"http2", "grpc", "h2c", "kubernetes.io/h2c", "grpc-web"})
+# What http_inspector reports for HTTP/1.0, HTTP/1.1 and HTTP/2 with prior knowledge.
+DETECTED_HTTP = ("http/1.0", "http/1.1", "h2c")
 
 
 def cluster_name(key: ServiceKey, port: ServicePort) -> str:
@@ -103,15 +117,11 @@ def cluster_name(key: ServiceKey, port: ServicePort) -> str:
 
 
 def listener_name(port: int) -> str:
-    return f"http:{port}"
+    return f"port:{port}"
 
 
 def route_name(port: int) -> str:
     return f"http:{port}"
-
-
-def tcp_listener_name(port: int) -> str:
-    return f"tcp:{port}"
 
 
 def _any(message: Message) -> any_pb2.Any:
@@ -170,26 +180,25 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=whole, nanos=round((seconds - whole) * 1e9))
 
 
-def port_protocol(port: ServicePort) -> str:
-    """`http`, `http2` or `tcp`: from appProtocol, else the port name's prefix, else HTTP."""
-    for hint in (port.app_protocol or "", port.name.split("-", 1)[0]):
-        hint = hint.lower()
-        if hint in HTTP2_PROTOCOLS:
-            return "http2"
-        if hint in ("tcp", "http"):
-            return hint
-    return "http"
-
-
-def is_http2(port: ServicePort) -> bool:
-    return port_protocol(port) == "http2"
-
-
 @dataclass(frozen=True, slots=True)
 class _ClusterOptions:
     lb_policy: str
     connect_timeout_s: float
     patch: cluster_pb2.Cluster | None
+
+
+@dataclass(frozen=True, slots=True)
+class PortClaim:
+    """What one Service port asks of the listener of its port number."""
+
+    port: int
+    service: ServiceKey
+    cluster: str
+    protocol: PortProtocol
+    # The address that selects this Service's chains: its ClusterIP, when it owns it.
+    cluster_ip: str | None
+    # SNI names of a TLS port: the Service's host names.
+    server_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -200,8 +209,8 @@ class ServiceOutput:
     assignments: tuple[Resource, ...] = ()
     # (port number, serialized VirtualHost) for the route configuration of that port.
     virtual_hosts: tuple[tuple[int, bytes], ...] = ()
-    # (port number, cluster name) of TCP ports, each wanting a TCP proxy listener of its own.
-    tcp_ports: tuple[tuple[int, str], ...] = ()
+    # Every proxied port, for the listener of its port number.
+    claims: tuple[PortClaim, ...] = ()
     problems: tuple[Problem, ...] = ()
 
 
@@ -260,7 +269,10 @@ class Translator:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._memo: dict[ServiceKey, tuple[ServiceEntry, _Claims, ServiceOutput]] = {}
-        self._listeners: dict[int, Resource] = {}
+        # Per port number: the claims a listener was built from, the listener and its problems.
+        self._listeners: dict[
+            int, tuple[tuple[PortClaim, ...], Resource | None, tuple[Problem, ...]]
+        ] = {}
 
     def translate(self, mesh: Mesh) -> Translation:
         claims, problems = _claims(mesh)
@@ -283,7 +295,7 @@ class Translator:
         clusters: dict[str, Resource] = {}
         assignments: dict[str, Resource] = {}
         virtual_hosts: dict[int, list[bytes]] = defaultdict(list)
-        tcp_ports: dict[int, list[tuple[ServiceKey, str]]] = defaultdict(list)
+        port_claims: dict[int, list[PortClaim]] = defaultdict(list)
         for key in mesh.keys:
             output = memo[key][2]
             problems.extend(output.problems)
@@ -291,38 +303,27 @@ class Translator:
             assignments.update((r.name, r) for r in output.assignments)
             for port, vhost in output.virtual_hosts:
                 virtual_hosts[port].append(vhost)
-            for port, name in output.tcp_ports:
-                tcp_ports[port].append((key, name))
+            for claim in output.claims:
+                port_claims[claim.port].append(claim)
 
         listeners: dict[str, Resource] = {}
-        for port, claimants in sorted(tcp_ports.items()):
-            winner = None if port in virtual_hosts else claimants[0]
-            for key, name in claimants:
-                if (key, name) == winner:
-                    continue
-                problems.append(
-                    error(
-                        f"Service {key}",
-                        "spec.ports",
-                        f"TCP port {port} is already served "
-                        + (
-                            "by the HTTP listener of that port"
-                            if winner is None
-                            else f"for Service {winner[0]} (a TCP port forwards to one Service)"
-                        )
-                        + f"; cluster {name} gets no listener",
-                    )
-                )
-            if winner is not None:
-                listener = self._tcp_listener(port, winner[1], problems)
-                if listener is not None:
-                    listeners[listener.name] = listener
+        built: dict[int, tuple[tuple[PortClaim, ...], Resource | None, tuple[Problem, ...]]] = {}
+        for port in sorted(port_claims):
+            port_claim_tuple = tuple(port_claims[port])
+            cached = self._listeners.get(port)
+            if cached is None or cached[0] != port_claim_tuple:
+                cached = (port_claim_tuple, *self._port_listener(port, port_claim_tuple))
+            built[port] = cached
+            _, listener, listener_problems = cached
+            problems.extend(listener_problems)
+            if listener is not None:
+                listeners[listener.name] = listener
+        self._listeners = built
+
         routes: dict[str, Resource] = {}
         for port in sorted(virtual_hosts):
-            listener = self._listener(port, problems)
-            if listener is None:
+            if listener_name(port) not in listeners:
                 continue
-            listeners[listener.name] = listener
             name = route_name(port)
             # RouteConfiguration: name is field 1, virtual_hosts field 2 (repeated).
             body = encode_len_field(1, name.encode()) + b"".join(
@@ -359,23 +360,119 @@ class Translator:
             )
         )
 
-    def _tcp_listener(self, port: int, cluster: str, problems: list[Problem]) -> Resource | None:
-        name = tcp_listener_name(port)
-        address = self._address(name, port, problems)
-        if address is None:
-            return None
-        proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=f"tcp_{port}", cluster=cluster)
-        listener = _listener_with(name, address, "envoy.filters.network.tcp_proxy", proxy)
-        return Resource.from_message(name, listener, refs=((CLUSTER, cluster),))
-
-    def _listener(self, port: int, problems: list[Problem]) -> Resource | None:
-        cached = self._listeners.get(port)
-        if cached is not None:
-            return cached
+    def _port_listener(
+        self, port: int, claims: tuple[PortClaim, ...]
+    ) -> tuple[Resource | None, tuple[Problem, ...]]:
+        """The listener of one port number: a filter chain (or two) per way in, see the module
+        docstring for the rules. Claims come in namespace/name order, which makes it deterministic.
+        """
+        problems: list[Problem] = []
         name = listener_name(port)
         address = self._address(name, port, problems)
         if address is None:
-            return None
+            return None, tuple(problems)
+        http = [c for c in claims if c.protocol.kind.speaks_http]
+        raw = [c for c in claims if c.protocol.kind in (Kind.TCP, Kind.DETECT)]
+        tls = [c for c in claims if c.protocol.kind is Kind.TLS]
+        # Where bytes that are not HTTP go when nothing else selects a chain: a Service without a
+        # ClusterIP first, since nothing else could reach it (min() keeps the first of equals).
+        candidates = raw or ([] if http else tls)
+        fallback = min(candidates, key=lambda c: c.cluster_ip is not None) if candidates else None
+        detect = bool(http) and fallback is not None
+        detect = detect or any(c.protocol.kind is Kind.DETECT for c in claims)
+
+        manager = self._http_filter(port) if http else None
+        chains: list[listener_components_pb2.FilterChain] = []
+        targets: dict[str, None] = {}  # the clusters tcp_proxy forwards to, in order
+
+        def proxy(claim: PortClaim) -> listener_components_pb2.Filter:
+            targets[claim.cluster] = None
+            return _tcp_filter(claim)
+
+        by_address = False
+        for claim in raw + tls:
+            if claim is fallback:
+                continue
+            if claim.cluster_ip is None:
+                if claim.protocol.kind is not Kind.TLS:  # TLS has SNI to be told apart by
+                    problems.append(_unreachable(claim, fallback))
+                continue
+            by_address = True
+            prefix = _cidr(claim.cluster_ip)
+            if claim.protocol.kind is Kind.DETECT and manager is not None:
+                chains.append(
+                    _chain(
+                        manager,
+                        listener_components_pb2.FilterChainMatch(
+                            prefix_ranges=[prefix], application_protocols=DETECTED_HTTP
+                        ),
+                    )
+                )
+            chains.append(
+                _chain(
+                    proxy(claim),
+                    listener_components_pb2.FilterChainMatch(prefix_ranges=[prefix]),
+                )
+            )
+        for claim in tls:
+            chains.append(
+                _chain(
+                    proxy(claim),
+                    listener_components_pb2.FilterChainMatch(
+                        server_names=claim.server_names, transport_protocol="tls"
+                    ),
+                )
+            )
+        if manager is not None and fallback is not None:
+            chains.append(
+                _chain(
+                    manager,
+                    listener_components_pb2.FilterChainMatch(application_protocols=DETECTED_HTTP),
+                )
+            )
+            chains.append(_chain(proxy(fallback)))
+        elif manager is not None:
+            chains.append(_chain(manager))
+        elif fallback is not None:
+            chains.append(_chain(proxy(fallback)))
+
+        listener = listener_pb2.Listener(name=name, address=address, filter_chains=chains)
+        if by_address:
+            listener.listener_filters.append(
+                _listener_filter(
+                    "envoy.filters.listener.original_dst", original_dst_pb2.OriginalDst()
+                )
+            )
+        if tls:
+            listener.listener_filters.append(
+                _listener_filter(
+                    "envoy.filters.listener.tls_inspector", tls_inspector_pb2.TlsInspector()
+                )
+            )
+        if detect:
+            listener.listener_filters.append(
+                _listener_filter(
+                    "envoy.filters.listener.http_inspector", http_inspector_pb2.HttpInspector()
+                )
+            )
+        if tls or detect:
+            # Inspectors wait for the client's first bytes; a client that sends none (a
+            # server-first protocol) is let through to the default chain after this long.
+            listener.listener_filters_timeout.CopyFrom(
+                _duration(self.settings.protocol_detection_timeout_s)
+            )
+            listener.continue_on_listener_filters_timeout = True
+            problems.extend(
+                _waits_for_inspection(claim, self.settings.protocol_detection_timeout_s)
+                for claim in claims
+                if claim.protocol.server_first
+            )
+        refs = [(ROUTE, route_name(port))] if http else []
+        refs.extend((CLUSTER, cluster) for cluster in targets)
+        resource = Resource.from_message(name, listener, refs=tuple(refs))
+        return resource, tuple(problems)
+
+    def _http_filter(self, port: int) -> listener_components_pb2.Filter:
         manager = hcm_pb2.HttpConnectionManager(
             stat_prefix=f"http_{port}",
             codec_type=hcm_pb2.HttpConnectionManager.AUTO,
@@ -385,15 +482,15 @@ class Translator:
                     name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())
                 )
             ],
+            # WebSocket upgrades pass on every HTTP port, as in Istio: Kubernetes' `ws` and
+            # `wss` appProtocols, and undeclared ports, carry them.
+            upgrade_configs=[hcm_pb2.HttpConnectionManager.UpgradeConfig(upgrade_type="websocket")],
         )
         if self.settings.tracing_cluster:
             manager.tracing.CopyFrom(self._tracing())
-        listener = _listener_with(
-            name, address, "envoy.filters.network.http_connection_manager", manager
+        return listener_components_pb2.Filter(
+            name="envoy.filters.network.http_connection_manager", typed_config=_any(manager)
         )
-        resource = Resource.from_message(name, listener, refs=((ROUTE, route_name(port)),))
-        self._listeners[port] = resource
-        return resource
 
     def _tracing(self) -> hcm_pb2.HttpConnectionManager.Tracing:
         """Request spans to an OTLP collector through the Envoy cluster named in the settings
@@ -422,11 +519,11 @@ class Translator:
         clusters: list[Resource] = []
         assignments: list[Resource] = []
         virtual_hosts: list[tuple[int, bytes]] = []
-        tcp_ports: list[tuple[int, str]] = []
+        port_claims: list[PortClaim] = []
         for port in service.ports:
             if port.protocol != "TCP":
                 problems.append(
-                    warning(
+                    info(
                         f"Service {service.key}",
                         f"spec.ports[{service.ports.index(port)}].protocol",
                         f"{port.protocol} ports are not proxied; port {port.port} is left out",
@@ -434,13 +531,23 @@ class Translator:
                 )
                 continue
             name = cluster_name(service.key, port)
+            protocol = port_protocol(port)
             if service.type == "ExternalName":
-                clusters.append(self._external_cluster(service, port, name, options))
+                clusters.append(self._external_cluster(service, port, protocol, name, options))
             else:
-                clusters.append(self._eds_cluster(port, name, options))
+                clusters.append(self._eds_cluster(protocol, name, options))
                 assignments.append(self._assignment(entry, port, name, problems))
-            if port_protocol(port) == "tcp":
-                tcp_ports.append((port.port, name))
+            port_claims.append(
+                PortClaim(
+                    port.port,
+                    service.key,
+                    name,
+                    protocol,
+                    service.cluster_ip if claims.cluster_ip and not service.headless else None,
+                    self._host_names(service, claims) if protocol.kind is Kind.TLS else (),
+                )
+            )
+            if not protocol.kind.speaks_http:
                 continue
             vhost = route_components_pb2.VirtualHost(
                 name=str(service.key),
@@ -457,7 +564,7 @@ class Translator:
             tuple(clusters),
             tuple(assignments),
             tuple(virtual_hosts),
-            tuple(tcp_ports),
+            tuple(port_claims),
             tuple(problems),
         )
 
@@ -481,16 +588,12 @@ class Translator:
         )
 
     def _finish_cluster(
-        self, cluster: cluster_pb2.Cluster, port: ServicePort, options: _ClusterOptions
+        self, cluster: cluster_pb2.Cluster, protocol: PortProtocol, options: _ClusterOptions
     ) -> cluster_pb2.Cluster:
         cluster.connect_timeout.CopyFrom(_duration(options.connect_timeout_s))
         cluster.load_balancing_policy.CopyFrom(load_balancing_policy(options.lb_policy))
-        if is_http2(port):
-            protocol_options = http_protocol_options_pb2.HttpProtocolOptions(
-                explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
-                    http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
-                )
-            )
+        protocol_options = _upstream_http(protocol.kind)
+        if protocol_options is not None:
             cluster.typed_extension_protocol_options[
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
             ].CopyFrom(_any(protocol_options))
@@ -498,7 +601,7 @@ class Translator:
             cluster.MergeFrom(options.patch)
         return cluster
 
-    def _eds_cluster(self, port: ServicePort, name: str, options: _ClusterOptions) -> Resource:
+    def _eds_cluster(self, protocol: PortProtocol, name: str, options: _ClusterOptions) -> Resource:
         cluster = cluster_pb2.Cluster(
             name=name,
             type=cluster_pb2.Cluster.EDS,
@@ -506,11 +609,16 @@ class Translator:
                 eds_config=_ads_source(), service_name=name
             ),
         )
-        self._finish_cluster(cluster, port, options)
+        self._finish_cluster(cluster, protocol, options)
         return Resource.from_message(name, cluster, refs=((ENDPOINT, name),))
 
     def _external_cluster(
-        self, service: Service, port: ServicePort, name: str, options: _ClusterOptions
+        self,
+        service: Service,
+        port: ServicePort,
+        protocol: PortProtocol,
+        name: str,
+        options: _ClusterOptions,
     ) -> Resource:
         # An ExternalName is a DNS alias: clients reach the external host on the service port.
         target = port.port
@@ -527,7 +635,7 @@ class Translator:
                 ],
             ),
         )
-        self._finish_cluster(cluster, port, options)
+        self._finish_cluster(cluster, protocol, options)
         return Resource.from_message(name, cluster)
 
     def _assignment(
@@ -563,30 +671,95 @@ class Translator:
             )
         return Resource.from_message(name, assignment)
 
-    def _domains(self, service: Service, port: ServicePort, claims: _Claims) -> list[str]:
+    def _host_names(self, service: Service, claims: _Claims) -> tuple[str, ...]:
+        """The DNS names clients use for the Service (also its TLS server names)."""
         key = service.key
-        bases = [
+        names = (
             f"{key.name}.{key.namespace}",
             f"{key.name}.{key.namespace}.svc",
             f"{key.name}.{key.namespace}.svc.{self.settings.cluster_domain}",
-        ]
-        if claims.short_name:
-            bases.insert(0, key.name)
+        )
+        return (key.name, *names) if claims.short_name else names
+
+    def _domains(self, service: Service, port: ServicePort, claims: _Claims) -> list[str]:
+        bases = list(self._host_names(service, claims))
         if claims.cluster_ip and service.cluster_ip:
             ip = service.cluster_ip
             bases.append(f"[{ip}]" if ipaddress.ip_address(ip).version == 6 else ip)
         return [domain for base in bases for domain in (base, f"{base}:{port.port}")]
 
 
-def _listener_with(
-    name: str, address: address_pb2.Address, filter_name: str, config: Message
-) -> listener_pb2.Listener:
-    """A listener with one filter chain of one network filter."""
-    network_filter = listener_components_pb2.Filter(name=filter_name, typed_config=_any(config))
-    return listener_pb2.Listener(
-        name=name,
-        address=address,
-        filter_chains=[listener_components_pb2.FilterChain(filters=[network_filter])],
+def _chain(
+    network_filter: listener_components_pb2.Filter,
+    match: listener_components_pb2.FilterChainMatch | None = None,
+) -> listener_components_pb2.FilterChain:
+    chain = listener_components_pb2.FilterChain(filters=[network_filter])
+    if match is not None:
+        chain.filter_chain_match.CopyFrom(match)
+    return chain
+
+
+def _tcp_filter(claim: PortClaim) -> listener_components_pb2.Filter:
+    proxy = tcp_proxy_pb2.TcpProxy(
+        stat_prefix=f"tcp_{claim.port}_{claim.service.namespace}_{claim.service.name}",
+        cluster=claim.cluster,
+    )
+    return listener_components_pb2.Filter(
+        name="envoy.filters.network.tcp_proxy", typed_config=_any(proxy)
+    )
+
+
+def _listener_filter(name: str, config: Message) -> listener_components_pb2.ListenerFilter:
+    return listener_components_pb2.ListenerFilter(name=name, typed_config=_any(config))
+
+
+def _cidr(ip: str) -> address_pb2.CidrRange:
+    length = 128 if ipaddress.ip_address(ip).version == 6 else 32
+    return address_pb2.CidrRange(
+        address_prefix=ip, prefix_len=wrappers_pb2.UInt32Value(value=length)
+    )
+
+
+def _upstream_http(kind: Kind) -> http_protocol_options_pb2.HttpProtocolOptions | None:
+    """HTTP/2 to the upstream of a declared HTTP/2 port; on a detected port the protocol the client
+    spoke (h2c in, HTTP/2 out); nothing for the rest (HTTP/1.1, or bytes)."""
+    options = http_protocol_options_pb2.HttpProtocolOptions
+    if kind is Kind.HTTP2:
+        return options(
+            explicit_http_config=options.ExplicitHttpConfig(
+                http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+            )
+        )
+    if kind is Kind.DETECT:
+        return options(
+            use_downstream_protocol_config=options.UseDownstreamHttpConfig(
+                http_protocol_options=protocol_pb2.Http1ProtocolOptions(),
+                http2_protocol_options=protocol_pb2.Http2ProtocolOptions(),
+            )
+        )
+    return None
+
+
+def _unreachable(claim: PortClaim, fallback: PortClaim | None) -> Problem:
+    taken = f" Service {fallback.service} takes its connections" if fallback else ""
+    return warning(
+        f"Service {claim.service}",
+        "spec.clusterIP",
+        f"port {claim.port} ({claim.protocol.declared or 'undeclared'}) cannot be told apart "
+        f"from the other Services on port {claim.port}: it has no ClusterIP to match the "
+        f"destination by, and its traffic is not HTTP.{taken}; cluster {claim.cluster} is "
+        "served but no listener reaches it",
+    )
+
+
+def _waits_for_inspection(claim: PortClaim, timeout_s: float) -> Problem:
+    return warning(
+        f"Service {claim.service}",
+        "spec.ports",
+        f"port {claim.port} speaks {claim.protocol.declared}, whose server speaks first, but "
+        f"other Services on port {claim.port} need TLS or protocol detection, which waits for the "
+        f"client's first bytes: its connections start only after {timeout_s:g}s; give it a port "
+        "number of its own, or declare the protocols of the others",
     )
 
 

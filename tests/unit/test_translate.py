@@ -172,7 +172,7 @@ def test_listener_per_port_with_offset_and_route_with_virtual_host_per_service()
         mesh(*entries), Settings(listener_port_offset=10000, listener_address="127.0.0.1")
     )
     [listener] = [decode(r) for r in out.resources[LISTENER].values()]
-    assert listener.name == "http:80"
+    assert listener.name == "port:80"
     assert listener.address.socket_address.port_value == 10080
     manager = hcm_pb2.HttpConnectionManager()
     listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
@@ -263,35 +263,13 @@ def test_per_type_clients_get_config_sources_naming_the_server_cluster():
     source = cluster.eds_cluster_config.eds_config.api_config_source
     assert source.api_type == source.DELTA_GRPC
     assert source.grpc_services[0].envoy_grpc.cluster_name == "cp"
-    listener = decode(for_api_type(out.resources[LISTENER]["http:80"], "GRPC", "cp"))
+    listener = decode(for_api_type(out.resources[LISTENER]["port:80"], "GRPC", "cp"))
     manager = hcm_pb2.HttpConnectionManager()
     listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
     assert manager.rds.config_source.api_config_source.api_type == source.GRPC
     assert manager.rds.route_config_name == "http:80"
     assignment = out.resources[ENDPOINT]["default/web:http"]
     assert for_api_type(assignment, "GRPC", "cp") is assignment
-
-
-def test_tcp_ports_get_a_tcp_proxy_listener_and_clashes_are_reported():
-    from xds._pb.envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-
-    entries = (
-        ServiceEntry(service("db", ports=(ServicePort(5432, "tcp-pg"),), cluster_ip="10.0.0.5")),
-        ServiceEntry(service("db2", ports=(ServicePort(5432, "tcp"),), cluster_ip="10.0.0.6")),
-        ServiceEntry(service("web", ports=(ServicePort(80, "http"),), cluster_ip="10.0.0.7")),
-        ServiceEntry(service("raw", ports=(ServicePort(80, "x", app_protocol="tcp"),))),
-    )
-    out = translate(mesh(*entries), Settings())
-    assert sorted(out.resources[LISTENER]) == ["http:80", "tcp:5432"]
-    listener = decode(out.resources[LISTENER]["tcp:5432"])
-    proxy = tcp_proxy_pb2.TcpProxy()
-    listener.filter_chains[0].filters[0].typed_config.Unpack(proxy)
-    assert proxy.cluster == "default/db:tcp-pg"
-    complaints = {p.object: p.message for p in out.problems}
-    assert "default/db" in complaints["Service default/db2"]
-    assert "HTTP listener" in complaints["Service default/raw"]
-    assert "default/db2:tcp" in out.resources[CLUSTER]  # still served, just not listened for
-    assert Snapshot.build(out.resources).inconsistencies() == []
 
 
 def test_every_service_kind_is_translated():
