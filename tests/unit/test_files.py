@@ -108,7 +108,9 @@ def test_empty_files_and_documents_are_nothing(tmp_path: Path):
     write(tmp_path / "empty.yaml", "")
     write(tmp_path / "comments.yaml", "# nothing yet\n---\n---\n")
     source = ManifestSource([tmp_path])
-    assert source.reload() == []
+    [note] = source.reload()
+    assert (note.severity, note.object) == ("warning", "input")
+    assert "nothing to serve (no objects at all)" in note.message
     assert len(source.mesh()) == 0
 
 

@@ -230,12 +230,8 @@ def test_every_error_of_an_object_is_reported():
 @pytest.mark.parametrize(
     ("doc", "field", "words"),
     [
-        (
-            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}},
-            "kind",
-            "unsupported kind 'Deployment' (apiVersion 'apps/v1')",
-        ),
-        ({**service(), "apiVersion": "apps/v1"}, "apiVersion", "Service must have apiVersion 'v1'"),
+        ({**service(), "apiVersion": "v2"}, "apiVersion", "Service must have apiVersion 'v1'"),
+        ({**service(), "apiVersion": None}, "apiVersion", "Service must have apiVersion 'v1'"),
         (
             {**endpoint_slice(), "apiVersion": "discovery.k8s.io/v1beta1"},
             "apiVersion",
@@ -253,6 +249,97 @@ def test_kind_and_document_errors(doc, field, words):
     assert (problem.location, problem.field) == ("demo.yaml#0", field)
     assert words in problem.message
     assert [o.id for o in converted.objects] == [ObjectId("Service", "default", "web")]
+
+
+def test_kinds_not_read_here_are_skipped_without_a_problem():
+    others = [
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}},
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "xds-system"}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "ns"}},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": "r"},
+        },
+        {
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "ServiceMonitor",
+            "metadata": {"name": "m"},
+        },
+        # A Knative Service is a custom resource that happens to share the name.
+        {**service("knative"), "apiVersion": "serving.knative.dev/v1"},
+        # An EndpointSlice of another group is not the discovery.k8s.io one.
+        {**endpoint_slice(), "apiVersion": "example.com/v1"},
+    ]
+    converted = convert(*others, service())
+    assert converted.problems == ()
+    assert [o.id for o in converted.objects] == [ObjectId("Service", "default", "web")]
+    assert converted.skipped == (
+        "Deployment default/web",
+        "Namespace xds-system",  # cluster-scoped: no namespace
+        "ConfigMap ns/c",
+        "ClusterRole r",
+        "ServiceMonitor default/m",
+        "Service default/knative",
+        "EndpointSlice default/web-abc",
+    )
+
+
+def test_lists_and_typed_lists_stand_for_their_items():
+    typed = {
+        "apiVersion": "v1",
+        "kind": "ServiceList",
+        "metadata": {"resourceVersion": "42"},
+        # As the API returns a typed list: items carry neither kind nor apiVersion.
+        "items": [
+            {k: v for k, v in service("a").items() if k not in ("kind", "apiVersion")},
+            {k: v for k, v in service("b").items() if k not in ("kind", "apiVersion")},
+        ],
+    }
+    slices = {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSliceList",
+        "items": [{k: v for k, v in endpoint_slice().items() if k != "kind"}],
+    }
+    mixed = {
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            service("c"),
+            {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "c"}},
+        ],
+    }
+    others = {
+        "apiVersion": "apps/v1",
+        "kind": "DeploymentList",
+        "items": [{"metadata": {"name": "d"}}],
+    }
+    converted = convert(typed, slices, mixed, others)
+    assert converted.problems == ()
+    assert sorted(str(o.id) for o in converted.objects) == [
+        "EndpointSlice default/web-abc",
+        "Service default/a",
+        "Service default/b",
+        "Service default/c",
+    ]
+    assert converted.skipped == ("Deployment default/c", "Deployment default/d")
+    located = {str(o.id): o.location for o in converted.objects}
+    assert located["Service default/b"] == "demo.yaml#0/items[1]"
+
+
+def test_an_input_without_a_service_says_what_it_held():
+    from xds.sources.manifests import nothing_to_serve
+
+    converted = convert(
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "db"}},
+        endpoint_slice(),
+    )
+    note = nothing_to_serve([converted])
+    assert note.severity == "warning"
+    assert "no Service" in note.message
+    assert "2 Deployment" in note.message and "1 EndpointSlice" in note.message
+    assert "no objects at all" in nothing_to_serve([]).message
 
 
 def test_empty_documents_are_skipped_but_keep_their_index():
@@ -300,7 +387,8 @@ def test_never_raises_on_any_value_anywhere():
                 doc = copy.deepcopy(original)
                 _set(doc, path, value)
                 converted = convert(doc)
-                assert converted.objects or converted.problems
+                # Junk in `kind` makes another kind, which is skipped: that is an outcome too.
+                assert converted.objects or converted.problems or converted.skipped
                 for problem in converted.problems:
                     assert problem.location == "demo.yaml#0" and problem.object
 

@@ -26,7 +26,13 @@ import watchfiles
 import yaml
 
 from xds.model import Mesh, Problem, error
-from xds.sources.manifests import KEEPING, Converted, assemble, convert_documents
+from xds.sources.manifests import (
+    KEEPING,
+    Converted,
+    assemble,
+    convert_documents,
+    nothing_to_serve,
+)
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +169,12 @@ class ManifestSource:
             changed |= self._load(file, forced)
         changed |= self._check_roots()
         if changed:
-            self._mesh, self._assembly_problems = assemble(
-                f.converted for f in self._files.values() if f.converted is not None
-            )
+            converted = [f.converted for f in self._files.values() if f.converted is not None]
+            self._mesh, self._assembly_problems = assemble(converted)
+            if not self._mesh and not any(p.severity == "error" for p in self.problems()):
+                # Valid input that yields nothing (a chart of Deployments, an empty pipe) would
+                # otherwise look like a control plane that ignored it.
+                self._assembly_problems.append(nothing_to_serve(converted))
             self._log_problems()
         return set(candidates), changed
 

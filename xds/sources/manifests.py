@@ -1,9 +1,14 @@
 """Kubernetes-shaped objects in, `xds.model` values out: conversion, validation and assembly.
 
 This module owns the meaning of the Kubernetes objects the control plane reads (`Service` v1,
-`EndpointSlice` discovery.k8s.io/v1, `Endpoints` v1, and `List` v1 holding any of them), given as
-plain dicts exactly as the API's JSON or a YAML manifest spells them (camelCase). It does no I/O, so
-the manifest-file source and the Kubernetes API source share it.
+`EndpointSlice` discovery.k8s.io/v1, `Endpoints` v1), given as plain dicts exactly as the API's JSON
+or a YAML manifest spells them (camelCase). It does no I/O, so the manifest-file source and the
+Kubernetes API source share it.
+
+Input is read as kubectl reads it: a `List` and every typed `<Kind>List` (`ServiceList`, as the API
+returns it, its items without `kind` and `apiVersion`) stand for their items; every other kind
+(Deployment, ConfigMap, Namespace, custom resources, a Knative `Service` of another API group) is
+skipped with a debug note, since a chart or `kubectl get all` output mixes them in freely.
 
 Bad input never raises: it becomes a `Problem` naming where the object is (a file and document
 index such as `demo.yaml#2`, or an API path), which object (`Service default/web`) and which field
@@ -21,8 +26,10 @@ The three steps:
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -40,6 +47,8 @@ from xds.model import (
     warning,
 )
 
+log = logging.getLogger(__name__)
+
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 DEFAULT_NAMESPACE = "default"
 KEEPING = "keeping its last good version"
@@ -48,8 +57,34 @@ API_VERSIONS: Mapping[str, str] = {
     "Service": "v1",
     "Endpoints": "v1",
     "EndpointSlice": "discovery.k8s.io/v1",
-    "List": "v1",
 }
+# Kinds without a namespace, named without one in notes. Custom resources cannot be known; their
+# convention is a `Cluster` prefix (ClusterIssuer, ClusterPolicy).
+CLUSTER_SCOPED_KINDS = frozenset(
+    {
+        "APIService",
+        "CertificateSigningRequest",
+        "ComponentStatus",
+        "CSIDriver",
+        "CSINode",
+        "CustomResourceDefinition",
+        "FlowSchema",
+        "GatewayClass",
+        "IngressClass",
+        "MutatingWebhookConfiguration",
+        "Namespace",
+        "Node",
+        "PersistentVolume",
+        "PriorityClass",
+        "PriorityLevelConfiguration",
+        "RuntimeClass",
+        "StorageClass",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+        "ValidatingWebhookConfiguration",
+        "VolumeAttachment",
+    }
+)
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 
@@ -90,11 +125,13 @@ class ManifestObject:
 
 @dataclass(frozen=True, slots=True)
 class Converted:
-    """What one location (a file, an API path) holds: its valid objects and its problems."""
+    """What one location (a file, an API path) holds: its valid objects, its problems, and the
+    objects of other kinds it skipped (described as `Deployment default/web`)."""
 
     location: str
     objects: tuple[ManifestObject, ...] = ()
     problems: tuple[Problem, ...] = ()
+    skipped: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -105,6 +142,7 @@ class _Result:
     location: str
     problems: list[Problem]
     object: ManifestObject | None = None
+    skipped: str | None = None  # the description of an object of a kind not read
 
     @property
     def rejected(self) -> bool:
@@ -202,10 +240,25 @@ def assemble(converted: Iterable[Converted]) -> tuple[Mesh, list[Problem]]:
     return Mesh(entries), problems
 
 
+def nothing_to_serve(converted: Iterable[Converted]) -> Problem:
+    """The note for an input without a single Service, saying what it held instead."""
+    conversions = list(converted)
+    kinds = Counter(d.split(" ", 1)[0] for c in conversions for d in c.skipped)
+    kinds.update(obj.id.kind for c in conversions for obj in c.objects)
+    read = [f"{count} {kind}" for kind, count in sorted(kinds.items())]
+    return warning(
+        "input",
+        "",
+        "has no Service, so there is nothing to serve"
+        + (f" (read: {', '.join(read)})" if read else " (no objects at all)"),
+    )
+
+
 def _collect(location: str, results: list[_Result]) -> Converted:
     objects = tuple(r.object for r in results if r.object is not None)
     problems = tuple(p for r in results for p in r.problems)
-    return Converted(location, objects, problems)
+    skipped = tuple(r.skipped for r in results if r.skipped is not None)
+    return Converted(location, objects, problems, skipped)
 
 
 def _keep_last_good(results: list[_Result], previous: Converted) -> None:
@@ -336,27 +389,19 @@ def _convert(obj: object, location: str, out: list[_Result]) -> None:
         check.error("kind", f"must be a non-empty string, got {_show(kind)}")
         out.append(_Result(None, location, check.problems))
         return
+    if kind == "List" or (kind.endswith("List") and "items" in obj):
+        _convert_list(check, obj, kind, api_version, location, out)
+        return
     expected = API_VERSIONS.get(kind)
-    if expected is None:
-        supported = ", ".join(f"{k} ({v})" for k, v in API_VERSIONS.items())
-        check.error(
-            "kind",
-            f"unsupported kind {kind!r} (apiVersion {api_version!r}); supported: {supported}",
-        )
-        out.append(_Result(None, location, check.problems))
+    if expected is None or _group(api_version) != _group(expected):
+        # Not ours: a Deployment, a ConfigMap, a custom resource, a Service of another API group.
+        log.debug("%s: skipped %s (%s): not a kind read here", location, described, api_version)
+        out.append(_Result(None, location, [], skipped=described))
         return
     if api_version != expected:
         check.error(
             "apiVersion", f"{kind} must have apiVersion {expected!r}, got {_show(api_version)}"
         )
-
-    if kind == "List":
-        items = check.items(obj.get("items"), "items")
-        out.append(_Result(None, location, check.problems))
-        if not check.failed:
-            for index, item in enumerate(items):
-                _convert(item, f"{location}/items[{index}]", out)
-        return
 
     # The identity first: without it nothing else can be said about, or kept for, the object.
     if not isinstance(metadata, Mapping):
@@ -386,6 +431,36 @@ def _convert(obj: object, location: str, out: list[_Result]) -> None:
         converted = _endpoints(check, object_id, obj)
     if converted is not None and not check.failed:
         result.object = converted
+
+
+def _convert_list(
+    check: _Checker,
+    obj: Mapping[object, object],
+    kind: str,
+    api_version: object,
+    location: str,
+    out: list[_Result],
+) -> None:
+    """A `List` (kubectl's, items of any kind) or a typed `<Kind>List` (the API's, whose items
+    carry neither `kind` nor `apiVersion`: they are the list's)."""
+    if kind == "List" and api_version != "v1":
+        check.error("apiVersion", f"List must have apiVersion 'v1', got {_show(api_version)}")
+    items = check.items(obj.get("items"), "items")
+    out.append(_Result(None, location, check.problems))
+    if check.failed:
+        return
+    item_kind = None if kind == "List" else kind.removesuffix("List")
+    for index, item in enumerate(items):
+        if item_kind is not None and isinstance(item, Mapping):
+            item = {"kind": item_kind, "apiVersion": api_version, **item}
+        _convert(item, f"{location}/items[{index}]", out)
+
+
+def _group(api_version: object) -> str:
+    """The API group of an apiVersion (`discovery.k8s.io/v1` -> `discovery.k8s.io`; core: "")."""
+    if not isinstance(api_version, str):
+        return ""
+    return api_version.rsplit("/", 1)[0] if "/" in api_version else ""
 
 
 def _service(
@@ -661,6 +736,8 @@ def _describe(kind: object, namespace: object, name: object) -> str:
     what = kind if isinstance(kind, str) and kind else "object"
     if not isinstance(name, str) or not name:
         return f"{what} (unnamed)"
+    if what in CLUSTER_SCOPED_KINDS or what.startswith("Cluster"):
+        return f"{what} {name}"
     return f"{what} {namespace if isinstance(namespace, str) else '?'}/{name}"
 
 
