@@ -52,7 +52,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from google.protobuf import any_pb2, duration_pb2, json_format, wrappers_pb2
 from google.protobuf.message import Message
@@ -641,7 +641,9 @@ class Translator:
     def _assignment(
         self, entry: ServiceEntry, port: ServicePort, name: str, problems: list[Problem]
     ) -> Resource:
-        by_locality: dict[tuple[str, str], dict[tuple[str, int], int]] = defaultdict(dict)
+        by_locality: dict[tuple[str, str], dict[tuple[str, int], health_check_pb2.HealthStatus]] = (
+            defaultdict(dict)
+        )
         for group in entry.groups:
             number = _resolve_port(entry.service, port, group, problems)
             if number is None:
@@ -820,7 +822,7 @@ def _resolve_port(
 
 
 def _lb_endpoint(
-    address: str, port: int, health: int = health_check_pb2.UNKNOWN
+    address: str, port: int, health: health_check_pb2.HealthStatus = health_check_pb2.UNKNOWN
 ) -> endpoint_components_pb2.LbEndpoint:
     return endpoint_components_pb2.LbEndpoint(
         endpoint=endpoint_components_pb2.Endpoint(
@@ -839,7 +841,7 @@ def for_api_type(resource: Resource, api_type: str, xds_cluster: str) -> Resourc
         return resource
     source = config_source_pb2.ConfigSource(
         api_config_source=config_source_pb2.ApiConfigSource(
-            api_type=config_source_pb2.ApiConfigSource.ApiType.Value(api_type),
+            api_type=api_type,
             transport_api_version=config_source_pb2.V3,
             grpc_services=[
                 grpc_service_pb2.GrpcService(
@@ -854,7 +856,7 @@ def for_api_type(resource: Resource, api_type: str, xds_cluster: str) -> Resourc
     if isinstance(message, cluster_pb2.Cluster):
         if message.eds_cluster_config.eds_config.HasField("ads"):
             message.eds_cluster_config.eds_config.CopyFrom(source)
-    else:
+    elif isinstance(message, listener_pb2.Listener):
         for chain in message.filter_chains:
             for network_filter in chain.filters:
                 manager = hcm_pb2.HttpConnectionManager()
@@ -873,18 +875,22 @@ def translate(mesh: Mesh, settings: Settings) -> Translation:
 
 def decode(resource: Resource) -> Message:
     """The message behind a resource, for display and tests; the hot path never needs it."""
-    message_type = {
+    message_types: dict[str, type[Message]] = {
         CLUSTER: cluster_pb2.Cluster,
         ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
         LISTENER: listener_pb2.Listener,
         ROUTE: route_pb2.RouteConfiguration,
-    }[resource.type_url]
-    return message_type.FromString(resource.body)
+    }
+    message = message_types[resource.type_url]()
+    message.ParseFromString(resource.body)
+    return message
 
 
-def to_json(resources_by_type: Mapping[str, Mapping[str, Resource]]) -> dict[str, list[dict]]:
+def to_json(
+    resources_by_type: Mapping[str, Mapping[str, Resource]],
+) -> dict[str, list[dict[str, Any]]]:
     """Resources as proto3 JSON, grouped by short type name (CDS, EDS, LDS, RDS)."""
-    out: dict[str, list[dict]] = {}
+    out: dict[str, list[dict[str, Any]]] = {}
     for type_url in resources.ADS_ORDER:
         items = resources_by_type.get(type_url, {})
         out[resources.SHORT_NAMES[type_url]] = [

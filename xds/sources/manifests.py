@@ -32,6 +32,7 @@ import socket
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from typing import TypeGuard
 
 from xds.model import (
     Endpoint,
@@ -741,7 +742,7 @@ def _describe(kind: object, namespace: object, name: object) -> str:
     return f"{what} {namespace if isinstance(namespace, str) else '?'}/{name}"
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     # YAML's `true` is an int to Python; to the API server it is not a port number.
     return isinstance(value, int) and not isinstance(value, bool)
 
