@@ -7,15 +7,19 @@ Real files in a temporary directory and the real `watchfiles` watcher; every wai
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import shutil
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from xds.model import ServiceKey
+from xds.sources import files
 from xds.sources.files import ManifestSource
 
 TIMEOUT_S = 5.0
@@ -421,3 +425,86 @@ async def test_watch_catches_up_with_changes_made_before_it_started(tmp_path: Pa
     async with Watching(source):
         assert port_of(source) == 8080
         assert names(source) == ["api", "web"]
+
+
+# Streams: standard input, pipes and character devices, read once and never watched.
+
+
+def feed_fifo(path: Path, text: str) -> threading.Thread:
+    """A writer on the other end of the named pipe `path`, as a shell pipeline would be."""
+    os.mkfifo(path)
+
+    def write_all() -> None:
+        with path.open("w") as pipe:  # blocks until the reader opens its end
+            pipe.write(text)
+
+    writer = threading.Thread(target=write_all, daemon=True)
+    writer.start()
+    return writer
+
+
+def test_a_named_pipe_is_read_once_at_reload(tmp_path: Path):
+    writer = feed_fifo(tmp_path / "pipe", service_yaml() + "---\n" + slice_json())
+    source = ManifestSource([tmp_path / "pipe"])
+    assert source.reload() == []
+    writer.join(TIMEOUT_S)
+    assert names(source) == ["web"]
+    # Read again, a pipe with no writer would block forever: it is not read again, and kept.
+    assert source.reload() == []
+    assert source.reload([tmp_path / "pipe"]) == []
+    assert names(source) == ["web"]
+
+
+@pytest.mark.asyncio
+async def test_a_named_pipe_is_served_beside_watched_files_and_never_watched(tmp_path: Path):
+    writer = feed_fifo(tmp_path / "pipe", service_yaml("piped"))
+    watched = write(tmp_path / "manifests" / "web.yaml", service_yaml())
+    source = ManifestSource([tmp_path / "pipe", tmp_path / "manifests"])
+    source.reload()
+    writer.join(TIMEOUT_S)
+    assert names(source) == ["piped", "web"]
+    async with Watching(source) as watching:
+        write(watched, service_yaml(port=81))
+        await watching.until(lambda: port_of(source) == 81)
+        assert names(source) == ["piped", "web"]
+
+
+def test_standard_input_is_read_as_dash_and_located_as_stdin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    stdin = io.TextIOWrapper(io.BytesIO((service_yaml() + "---\nkind: [\n").encode()))
+    monkeypatch.setattr(sys, "stdin", stdin)
+    write(tmp_path / "api.yaml", service_yaml("api"))
+    # Given twice, standard input is still read once (a second read would find it empty).
+    source = ManifestSource([Path("-"), tmp_path, Path("-")])
+    [problem] = source.reload()
+    assert problem.location == "<stdin>" and problem.object == "file <stdin>"
+    assert "is not valid YAML" in problem.message
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(service_yaml("web").encode())))
+    source = ManifestSource([Path("-"), tmp_path, Path("-")])
+    assert source.reload() == []
+    assert names(source) == ["api", "web"]
+
+
+def test_a_stream_over_the_limit_is_refused(monkeypatch: pytest.MonkeyPatch):
+    mib = 1024 * 1024
+    monkeypatch.setattr(files, "MAX_STREAM_BYTES", mib)
+    text = service_yaml()
+    at_the_limit = text + "#" * (mib - len(text) - 1) + "\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(at_the_limit.encode() + b"#")))
+    source = ManifestSource([Path("-")])
+    problems = source.reload()
+    assert [(p.severity, p.location) for p in problems][:1] == [("error", "<stdin>")]
+    assert problems[0].message == "is larger than 1 MiB, the most read from a stream"
+    assert len(source.mesh()) == 0
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(at_the_limit.encode())))
+    source = ManifestSource([Path("-")])
+    assert source.reload() == []
+    assert names(source) == ["web"]
+
+
+def test_a_character_device_is_a_stream():
+    source = ManifestSource([Path(os.devnull)])
+    source.reload()  # empty: nothing to serve, and no complaint about the file
+    assert len(source.mesh()) == 0
+    assert all(p.location != os.devnull for p in source.problems())

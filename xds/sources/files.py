@@ -5,6 +5,11 @@ This module owns the file side of the manifest source: which files make up the c
 reading and parsing them, the last good content of each, and watching them for changes with
 `watchfiles`. What the objects in them mean is `xds.sources.manifests`' business.
 
+A configured path that is `-` (standard input) or not a regular file (a pipe such as `/dev/stdin`
+in `kubectl kustomize | xds translate --manifests /dev/stdin`, a character device) is a stream:
+it can be read only once, so it is read at the first full `reload()`, at most `MAX_STREAM_BYTES`,
+and never watched.
+
 A file that cannot be read or parsed keeps its last good content in service; an object that turns
 invalid keeps its last good version (see `manifests.convert_documents`). A change re-reads only the
 files it touched.
@@ -18,6 +23,7 @@ import json
 import logging
 import os
 import stat
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +43,11 @@ from xds.sources.manifests import (
 log = logging.getLogger(__name__)
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+
+STDIN = "-"  # as a configured path: standard input, shown as STDIN_LOCATION
+STDIN_LOCATION = "<stdin>"
+# A stream is held in memory whole before parsing; beyond this it is refused, not read on.
+MAX_STREAM_BYTES = 64 * 1024 * 1024
 
 # The control plane debounces events itself; these only group the few events of one save.
 WATCH_DEBOUNCE_MS = 5
@@ -67,11 +78,30 @@ class _File:
     problems: tuple[Problem, ...] = ()
 
 
+@dataclass(slots=True)
+class _Stream:
+    """A configured path that can be read only once (see the module docstring)."""
+
+    path: Path | None  # None: standard input
+    file: _File
+    read: bool = False
+
+
 class ManifestSource:
     """Manifest files and directories, read on `reload()` and kept current by `watch()`."""
 
     def __init__(self, paths: Sequence[Path]) -> None:
-        self._roots = tuple(_Root(Path(p), Path(os.path.abspath(p))) for p in paths)
+        roots: list[_Root] = []
+        streams: dict[str, _Stream] = {}  # by location: standard input given twice is read once
+        for given in map(Path, paths):
+            if str(given) == STDIN:
+                streams.setdefault(STDIN_LOCATION, _Stream(None, _File(STDIN_LOCATION)))
+            elif _is_stream(given):
+                streams.setdefault(str(given), _Stream(given, _File(str(given))))
+            else:
+                roots.append(_Root(given, Path(os.path.abspath(given))))
+        self._roots = tuple(roots)
+        self._streams = tuple(streams.values())
         self._files: dict[Path, _File] = {}
         self._missing: tuple[Problem, ...] = ()
         self._mesh = Mesh()
@@ -84,14 +114,19 @@ class ManifestSource:
 
     def problems(self) -> list[Problem]:
         """The current problems: missing paths, each file's (by location), then the joining's."""
-        per_file = (p for f in sorted(self._files.values(), key=_by_location) for p in f.problems)
+        per_file = (p for f in sorted(self._all_files(), key=_by_location) for p in f.problems)
         return [*self._missing, *per_file, *self._assembly_problems]
+
+    def _all_files(self) -> Iterator[_File]:
+        yield from self._files.values()
+        yield from (stream.file for stream in self._streams)
 
     def reload(self, changed: Iterable[Path] | None = None) -> list[Problem]:
         """Re-read the files at or under the `changed` paths, or every file when None.
 
         Returns the problems of this reload: missing paths, those of the files it looked at, and
-        those of joining all files into a Mesh (which any file can cause).
+        those of joining all files into a Mesh (which any file can cause). Streams are read at the
+        first full reload, and kept after.
         """
         if changed is None:
             touched, _ = self._refresh([r.path for r in self._roots], force_all=True)
@@ -99,6 +134,8 @@ class ManifestSource:
             paths = [Path(os.path.abspath(p)) for p in changed]
             touched, _ = self._refresh(paths, force_all=False)
         files = [self._files[path] for path in sorted(touched) if path in self._files]
+        if changed is None:
+            files += [stream.file for stream in self._streams]
         return [*self._missing, *(p for f in files for p in f.problems), *self._assembly_problems]
 
     async def watch(
@@ -157,7 +194,7 @@ class ManifestSource:
         A file named in `paths` (or every file, with `force_all`) is read again; other files found
         under a named directory are read only when new or when their metadata changed, because a
         directory event says little about which of its files changed. With `catch_up`, nothing is
-        forced: the catch-up of `watch()`.
+        forced: the catch-up of `watch()`. With `force_all`, streams not read yet are read.
         """
         candidates: dict[Path, bool] = {}
         for path in paths:
@@ -165,11 +202,14 @@ class ManifestSource:
                 forced = force_all or (named and not catch_up)
                 candidates[file] = candidates.get(file, False) or forced
         changed = False
+        if force_all:
+            for stream in self._streams:
+                changed |= self._read_stream(stream)
         for file, forced in sorted(candidates.items()):
             changed |= self._load(file, forced)
         changed |= self._check_roots()
         if changed:
-            converted = [f.converted for f in self._files.values() if f.converted is not None]
+            converted = [f.converted for f in self._all_files() if f.converted is not None]
             self._mesh, self._assembly_problems = assemble(converted)
             if not self._mesh and not any(p.severity == "error" for p in self.problems()):
                 # Valid input that yields nothing (a chart of Deployments, an empty pipe) would
@@ -251,17 +291,42 @@ class ManifestSource:
         known.signature = signature
         if read_error is not None:
             return self._failed(known, f"cannot be read: {read_error.strerror or read_error}")
+        return self._convert(known, data, json_file=path.suffix == ".json")
+
+    def _read_stream(self, stream: _Stream) -> bool:
+        """Read a stream, once; return whether anything changed (False after the first time)."""
+        if stream.read:
+            return False
+        stream.read = True
+        try:
+            if stream.path is None:
+                if sys.stdin is None:  # the process was started with standard input closed
+                    return self._failed(stream.file, "cannot be read: standard input is closed")
+                data = sys.stdin.buffer.read(MAX_STREAM_BYTES + 1)
+            else:
+                with stream.path.open("rb") as reader:
+                    data = reader.read(MAX_STREAM_BYTES + 1)
+        except OSError as exc:
+            return self._failed(stream.file, f"cannot be read: {exc.strerror or exc}")
+        if len(data) > MAX_STREAM_BYTES:
+            limit = f"{MAX_STREAM_BYTES // (1024 * 1024)} MiB"
+            return self._failed(stream.file, f"is larger than {limit}, the most read from a stream")
+        suffix = "" if stream.path is None else stream.path.suffix
+        return self._convert(stream.file, data, json_file=suffix == ".json")
+
+    def _convert(self, file: _File, data: bytes, json_file: bool) -> bool:
+        """Parse and convert what was read of `file`; return whether anything changed."""
         digest = hashlib.blake2b(data, digest_size=16).digest()
-        if digest == known.digest:
+        if digest == file.digest:
             # Saved without a change: the same bytes convert to the same objects and problems.
             return False
-        known.digest = digest
+        file.digest = digest
         try:
-            docs = _parse(data, json_file=path.suffix == ".json")
+            docs = _parse(data, json_file=json_file)
         except (yaml.YAMLError, ValueError, RecursionError) as exc:
-            return self._failed(known, _parse_error(exc, path.suffix == ".json"))
-        known.converted = convert_documents(docs, known.location, previous=known.converted)
-        known.problems = known.converted.problems
+            return self._failed(file, _parse_error(exc, json_file))
+        file.converted = convert_documents(docs, file.location, previous=file.converted)
+        file.problems = file.converted.problems
         return True
 
     def _failed(self, file: _File, message: str) -> bool:
@@ -351,6 +416,16 @@ class ManifestSource:
             if any(path in known.parents for known in self._files):
                 return True
         return False
+
+
+def _is_stream(path: Path) -> bool:
+    """Whether a configured path exists and is neither a regular file nor a directory: a pipe,
+    a character device. (A missing path is not: it is watched for, and read when it appears.)"""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def _hidden(relative: Path) -> bool:
