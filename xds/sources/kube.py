@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -57,25 +58,55 @@ ENDPOINTS = _Kind("endpoints", "Endpoints", "v1")
 
 
 def api_client(settings: KubeSettings) -> client.ApiClient:
-    """A client for the configured cluster; ValueError saying what is missing when there is none
-    (no kubeconfig, or not running in a pod)."""
-    configuration = client.Configuration()
-    try:
-        if settings.kubeconfig is None and settings.context is None:
-            config.load_incluster_config(client_configuration=configuration)
-        else:
-            config.load_kube_config(
-                config_file=settings.kubeconfig,
-                context=settings.context,
-                client_configuration=configuration,
-            )
-    except (config.ConfigException, OSError) as exc:
-        where = settings.kubeconfig or ("context " + settings.context if settings.context else "")
+    """A client for the configured cluster, found the way kubectl and controller-runtime find it.
+
+    `--kubeconfig` (`settings.kubeconfig`); else `$KUBECONFIG`, several files joined by `:` and
+    merged as kubectl merges them; else, in a pod (`$KUBERNETES_SERVICE_HOST` set), its service
+    account; else `~/.kube/config`. `settings.context` picks a context of the kubeconfig-based
+    ones, so it skips the in-cluster step. ValueError, one line, when nothing is usable.
+    """
+    # (kubeconfig, how to name it in an error); None for the pod's service account.
+    candidates: list[tuple[str | None, str]] = []
+    merged = os.environ.get("KUBECONFIG", "")
+    home = os.path.expanduser("~/.kube/config")
+    if settings.kubeconfig is not None:
+        candidates.append((settings.kubeconfig, settings.kubeconfig))
+    elif merged:
+        # The joined string as is: the client's KubeConfigMerger splits and merges it.
+        candidates.append((merged, f"KUBECONFIG={merged}"))
+    else:
+        if settings.context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            candidates.append((None, "the in-cluster service account"))
+        if os.path.exists(home):
+            candidates.append((home, home))
+    if not candidates:
+        missing = f"no kubeconfig (--kubeconfig, $KUBECONFIG or {home})"
         raise ValueError(
-            f"cannot configure the Kubernetes client{' from ' + where if where else ''}: {exc}"
-            + ("" if where else " (outside a cluster, give --kubeconfig or --context)")
-        ) from exc
-    return client.ApiClient(configuration)
+            "cannot configure the Kubernetes client: "
+            + (
+                f"context {settings.context} asks for a kubeconfig, and there is {missing}"
+                if settings.context
+                else f"{missing} and not in a pod ($KUBERNETES_SERVICE_HOST is not set)"
+            )
+        )
+    failures = []
+    for kubeconfig, origin in candidates:
+        configuration = client.Configuration()
+        try:
+            if kubeconfig is None:
+                config.load_incluster_config(client_configuration=configuration)
+            else:
+                config.load_kube_config(
+                    config_file=kubeconfig,
+                    context=settings.context,
+                    client_configuration=configuration,
+                )
+        except (config.ConfigException, OSError) as exc:
+            # As controller-runtime does, a pod whose service account fails tries ~/.kube/config.
+            failures.append(f"from {origin}: {exc}")
+            continue
+        return client.ApiClient(configuration)
+    raise ValueError(f"cannot configure the Kubernetes client {'; nor '.join(failures)}")
 
 
 class Informer:
