@@ -1,17 +1,146 @@
-"""The `xds` command: serve, bootstrap, translate, demo."""
+"""The `xds` command: serve, bootstrap, translate, status, demo.
+
+Conventions every subcommand shares: the global options (`--log-level`, `--log-format`) go before
+or after the subcommand; a usage error is one line on stderr and exit 2; every log record is one
+line on stderr, text or JSON.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from xds.config import LB_POLICIES, Settings
+
+log = logging.getLogger(__name__)
+
+DISTRIBUTION = "xds-control-plane"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
+# As a --manifests path: standard input (xds.sources.files.STDIN, not imported from there: the
+# file source is slow to import for the commands that do not read files).
+STDIN = "-"
+
+# Every character `str.splitlines()` breaks at, mapped to its escape: a record with a newline in
+# its message (Envoy's NACK details, a file name) or a traceback stays on one line.
+_LINE_BREAKS = str.maketrans(
+    {c: c.encode("unicode_escape").decode("ascii") for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+)
+
+
+def one_line(text: str) -> str:
+    """`text` with its line breaks escaped (`\\n`, `\\u2028`, ...)."""
+    return text.translate(_LINE_BREAKS)
+
+
+class _OneLineFormatter(logging.Formatter):
+    """The standard text format, one line per record, the traceback (if any) included."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return one_line(super().format(record))
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Every record to stderr as one line: `text` (time, level, logger: message) or `json` (one
+    object with timestamp, level, logger, message, and exception when there is one)."""
+    formatter: logging.Formatter
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        formatter = JsonFormatter(
+            "%(levelname)s %(name)s %(message)s",
+            rename_fields={"levelname": "level", "name": "logger", "exc_info": "exception"},
+            timestamp=True,
+        )
+    else:
+        formatter = _OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    # force: main() may run more than once in a process; one handler, never two.
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (`xds serve: error: ...`) and exit 2: the usage block argparse
+    prints first would push the one line that matters out of sight. Subcommand parsers are of
+    this class too (argparse makes them of the parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    """An argparse type: one of `choices`, in any case, spelled as in `choices`."""
+    by_folded = {choice.casefold(): choice for choice in choices}
+
+    def parse(value: str) -> str:
+        try:
+            return by_folded[value.casefold()]
+        except KeyError:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice: {value!r} (choose from {', '.join(choices)})"
+            ) from None
+
+    return parse
+
+
+def _manifest_path(stdin: bool) -> Callable[[str], str]:
+    """An argparse type: a path that exists, or `-` (standard input) where `stdin` allows it."""
+
+    def parse(value: str) -> str:
+        if value == STDIN:
+            if not stdin:
+                raise argparse.ArgumentTypeError(
+                    "'-' (standard input) cannot be served: serve watches its manifests for "
+                    "changes, and standard input can be read only once (use xds translate)"
+                )
+            return value
+        if not os.path.exists(value):
+            raise argparse.ArgumentTypeError(f"no such file or directory: {value}")
+        return value
+
+    return parse
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "unknown"
+
+
+def _add_global_options(parser: argparse.ArgumentParser, with_defaults: bool) -> None:
+    """The options every subcommand takes, before or after it. Only the top-level parser has
+    defaults: a subcommand's parser writes what it parsed over the top-level values, so a default
+    there would undo `xds --log-level debug serve`."""
+
+    def default(value: str) -> str:
+        return value if with_defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--log-level",
+        type=_one_of(*LOG_LEVELS),
+        default=default("INFO"),
+        metavar="{" + ",".join(LOG_LEVELS) + "}",
+        help="the least severe records logged (default INFO; any case)",
+    )
+    parser.add_argument(
+        "--log-format",
+        type=_one_of(*LOG_FORMATS),
+        default=default("text"),
+        metavar="{" + ",".join(LOG_FORMATS) + "}",
+        help="text: one line per record (default); json: one JSON object per line",
+    )
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -35,17 +164,23 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def _add_translation_options(parser: argparse.ArgumentParser, kubernetes: bool = False) -> None:
     sources = parser.add_mutually_exclusive_group(required=True)
+    # serve (the command with a Kubernetes source) watches its manifests: not standard input.
+    stdin = not kubernetes
     sources.add_argument(
         "--manifests",
         action="append",
+        type=_manifest_path(stdin),
         metavar="PATH",
-        help="a manifest file or directory (Service, EndpointSlice, Endpoints); repeatable",
+        help="a manifest file or directory (Service, EndpointSlice, Endpoints); "
+        + ("'-' reads standard input; " if stdin else "")
+        + "repeatable",
     )
     if kubernetes:
         sources.add_argument(
             "--kubernetes",
             action="store_true",
-            help="watch the Kubernetes API (in-cluster config unless --kubeconfig/--context)",
+            help="watch the Kubernetes API (config: --kubeconfig, else $KUBECONFIG, else "
+            "in-cluster in a pod, else ~/.kube/config)",
         )
         parser.add_argument("--kubeconfig", metavar="PATH", help="kubeconfig file")
         parser.add_argument("--context", metavar="NAME", help="kubeconfig context")
@@ -87,9 +222,10 @@ def _add_translation_options(parser: argparse.ArgumentParser, kubernetes: bool =
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xds", description="An Envoy xDS control plane.")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="xds", description="An Envoy xDS control plane.")
+    parser.add_argument("--version", action="version", version=f"xds {_version()}")
+    _add_global_options(parser, with_defaults=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="serve xDS from manifests or the Kubernetes API")
     _add_translation_options(serve, kubernetes=True)
@@ -148,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after this many requests (default: run until Ctrl-C)",
     )
     demo.add_argument("--rate", type=float, default=200.0, help="requests per second")
+    for command in commands.choices.values():
+        _add_global_options(command, with_defaults=False)
     return parser
 
 
@@ -155,14 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+    except SystemExit as exc:  # 2 after a usage error, 0 after --help or --version
         return int(exc.code or 0)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every change at INFO
+    configure_logging(args.log_level, args.log_format)
     try:
         if args.command == "serve":
             return _serve(_settings(args))
@@ -176,11 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from xds.demo import run_demo
 
             return run_demo(requests=args.requests, rate=args.rate)
-    except ValueError as exc:
-        print(f"xds: {exc}", file=sys.stderr)
+    except ValueError as exc:  # a setting that cannot work: a usage error
+        print(f"xds: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # a port in use, an unreadable path: say it, without a traceback
-        print(f"xds: {exc}", file=sys.stderr)
+        print(f"xds: {one_line(str(exc))}", file=sys.stderr)
         return 1
     return 2
 
@@ -242,12 +375,12 @@ def _translate(settings: Settings) -> int:
     from xds.translate import to_json, translate
 
     source = ManifestSource(list(settings.manifests))
-    source.reload()
+    source.reload()  # logs each of the source's problems, once, at its level
     translation = translate(source.mesh(), settings)
-    problems = [*source.problems(), *translation.problems]
-    for problem in problems:
-        print(problem, file=sys.stderr)
+    for problem in translation.problems:
+        log.log(problem.level, "%s", problem)
     print(json.dumps(to_json(translation.resources), indent=2))
+    problems = [*source.problems(), *translation.problems]
     return 1 if any(p.severity == "error" for p in problems) else 0
 
 
