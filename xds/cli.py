@@ -159,6 +159,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         lb_policy=args.lb_policy,
         cluster_domain=args.cluster_domain,
         tracing_cluster=args.tracing_cluster,
+        protocol_detection_timeout_s=args.protocol_detection_timeout,
     )
 
 
@@ -219,6 +220,24 @@ def _add_translation_options(parser: argparse.ArgumentParser, kubernetes: bool =
         help="trace requests in Envoy, sending spans to this bootstrap cluster "
         "(otel_collector with xds bootstrap --otel-collector)",
     )
+    parser.add_argument(
+        "--protocol-detection-timeout",
+        type=_positive_seconds,
+        default=Settings.protocol_detection_timeout_s,
+        metavar="SECONDS",
+        help="on ports with no declared protocol, how long Envoy waits for a client's first bytes "
+        "before proxying the connection as TCP (default 5)",
+    )
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -287,13 +287,19 @@ def test_log_level_after_the_subcommand_is_not_overwritten_by_the_default(
             ["translate", "--manifests", str(DEMO), "--frobnicate"],
             "xds: error: unrecognized arguments: --frobnicate",
         ),
+        (
+            ["translate", "--manifests", str(DEMO), "--protocol-detection-timeout", "-1"],
+            "xds translate: error: argument --protocol-detection-timeout: "
+            "must be a positive number of seconds, got -1",
+        ),
         (["launch"], None),  # no such command: the choices, on one line
         ([], "xds: error: the following arguments are required: COMMAND"),
         (["bootstrap", "--node-id", "x"], None),  # a required option missing
     ],
     ids=[
         "bad-level-after", "bad-level-before", "bad-format", "bad-int", "two-sources",
-        "unknown-option", "unknown-command", "no-command", "missing-option",
+        "unknown-option", "bad-detection-timeout", "unknown-command", "no-command",
+        "missing-option",
     ],
 )  # fmt: skip
 def test_a_usage_error_is_one_line_and_exit_2(args: list[str], line: str | None):
