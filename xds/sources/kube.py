@@ -19,12 +19,12 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import backoff
 import urllib3
 from kubernetes import client, config, watch
-from kubernetes.client.rest import ApiException
+from kubernetes.client.exceptions import ApiException
 
 from xds.model import Mesh, Problem
 from xds.sources.manifests import Converted, assemble, convert_documents
@@ -50,6 +50,13 @@ class _Kind:
     resource: str  # plural, as in the API path
     kind: str
     api_version: str
+
+
+class _WatchEvent(TypedDict):
+    """An event of the client's watch stream, as read here."""
+
+    type: str  # ADDED, MODIFIED, DELETED, BOOKMARK (or ERROR)
+    raw_object: dict[str, Any]  # the object as the API server sent it, JSON-decoded
 
 
 SERVICES = _Kind("services", "Service", "v1")
@@ -202,7 +209,8 @@ class Informer:
     def _watch_once(self) -> None:
         self._watch = current = watch.Watch()
         self.watches += 1
-        stream = current.stream(
+        # The helper is untyped; its events carry the type and the decoded object.
+        stream: Iterator[_WatchEvent] = current.stream(
             self._list_call,
             resource_version=self.resource_version,
             allow_watch_bookmarks=True,
@@ -236,7 +244,10 @@ class Informer:
         return {**item, "kind": self.kind.kind, "apiVersion": self.kind.api_version}
 
 
-def _list_function(api: client.ApiClient, kind: _Kind, namespace: str | None) -> Callable:
+def _list_function(api: client.ApiClient, kind: _Kind, namespace: str | None) -> Callable[..., Any]:
+    """The list call of `kind` (in `namespace`, or everywhere). What it returns depends on its
+    keyword arguments (a parsed list, or the raw response with `_preload_content=False`), and the
+    watch helper adds its own, so its signature is left open."""
     core = client.CoreV1Api(api)
     discovery = client.DiscoveryV1Api(api)
     calls = {
