@@ -13,10 +13,23 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Protocol
 
 from xds.resources import ADS_ORDER, Resource, type_version
 
 log = logging.getLogger(__name__)
+
+
+class SnapshotLike(Protocol):
+    """What a stream reads of a snapshot: a Snapshot, or a client's view of one that rewrites some
+    types (`xds.server.views.SnapshotView`)."""
+
+    @property
+    def trace_context(self) -> object: ...
+
+    def of_type(self, type_url: str) -> Mapping[str, Resource]: ...
+
+    def version(self, type_url: str) -> str: ...
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only the shape: `xds status` need not load the server and its protobufs
+    from xds.server.protocol import StreamStatus, TypeStatus
 
 COLUMNS = ("NODE", "PEER", "TYPE", "NAMES", "SENT", "NONCE", "ACKED", "STATE", "LAST NACK")
 
@@ -11,7 +14,7 @@ def _short(version: str | None) -> str:
     return (version or "-")[:12]
 
 
-def _state(entry: dict[str, Any]) -> str:
+def _state(entry: TypeStatus) -> str:
     if entry.get("rejected_resources"):
         return f"REJECTED {len(entry['rejected_resources'])}"
     if entry.get("awaiting_ack"):
@@ -21,12 +24,12 @@ def _state(entry: dict[str, Any]) -> str:
     return "SYNCED" if entry.get("acked_version") == entry.get("sent_version") else "STALE"
 
 
-def render_syncz(clients: list[dict[str, Any]]) -> str:
+def render_syncz(clients: list[StreamStatus]) -> str:
     rows = [COLUMNS]
     for client in clients:
         for type_name, entry in client.get("types", {}).items():
-            nack = entry.get("last_nack") or {}
-            message = " ".join(str(nack.get("message", "")).split())
+            nack = entry.get("last_nack")
+            message = " ".join(str(nack.get("message", "") if nack else "").split())
             rows.append(
                 (
                     client.get("node_id") or "-",

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
-from xds.cache import Snapshot
+from xds.cache import SnapshotLike
 from xds.resources import CLUSTER, FULL_STATE_TYPES, Resource, encode_len_field
 from xds.server.protocol import CONTROL_PLANE, WILDCARD, StreamBase, TypeStateBase
 
@@ -83,7 +83,7 @@ class DeltaTypeState(TypeStateBase):
                 self.known.pop(name, None)
 
     def diff(
-        self, wanted: dict[str, Resource], snapshot: Snapshot
+        self, wanted: dict[str, Resource], snapshot: SnapshotLike
     ) -> tuple[list[Resource], list[str]]:
         """Resources the client lacks or holds at another version (less those held back, see
         `StreamBase._vet`); names it holds that are gone."""
@@ -100,11 +100,11 @@ class DeltaTypeState(TypeStateBase):
         return changed, removed
 
 
-class DeltaStream(StreamBase[DeltaTypeState]):
+class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest, DeltaResponse]):
     """One incremental stream (delta ADS or one type)."""
 
     def on_request(
-        self, request: discovery_pb2.DeltaDiscoveryRequest, snapshot: Snapshot
+        self, request: discovery_pb2.DeltaDiscoveryRequest, snapshot: SnapshotLike
     ) -> list[DeltaResponse]:
         if not self._accept(request):
             return []
@@ -123,7 +123,7 @@ class DeltaStream(StreamBase[DeltaTypeState]):
         state.apply(request, first)
         return self._respond(snapshot, only=type_url)
 
-    def _response_for(self, state: DeltaTypeState, snapshot: Snapshot) -> DeltaResponse | None:
+    def _response_for(self, state: DeltaTypeState, snapshot: SnapshotLike) -> DeltaResponse | None:
         wanted = self._wanted(state, snapshot)
         self._forget_replaced(state, wanted)
         changed, removed = state.diff(wanted, snapshot)
@@ -146,7 +146,7 @@ class DeltaStream(StreamBase[DeltaTypeState]):
             state.type_url, state.sent_version, nonce, tuple(changed), tuple(removed)
         )
 
-    def _has_update(self, state: DeltaTypeState, snapshot: Snapshot) -> bool:
+    def _has_update(self, state: DeltaTypeState, snapshot: SnapshotLike) -> bool:
         changed, removed = state.diff(self._wanted(state, snapshot), snapshot)
         return bool(changed or removed)
 

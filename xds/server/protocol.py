@@ -30,10 +30,10 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, TypedDict, TypeVar
 
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
-from xds.cache import Snapshot
+from xds.cache import SnapshotLike
 from xds.resources import (
     ADS_ORDER,
     CLUSTER,
@@ -85,6 +85,38 @@ class Nack:
     at: float  # unix time
 
 
+class NackStatus(TypedDict):
+    version: str
+    message: str
+    at: float
+
+
+class TypeStatus(TypedDict):
+    """One type of one stream in /debug/syncz (and `xds status`)."""
+
+    wildcard: bool
+    subscribed: int
+    sent_version: str | None
+    nonce: str
+    awaiting_ack: bool
+    acked_version: str
+    acks: int
+    nacks: int
+    resources_sent: int
+    last_nack: NackStatus | None
+    rejected_resources: dict[str, str]  # name -> the version quarantined
+
+
+class StreamStatus(TypedDict):
+    """One stream in /debug/syncz: its client and, by short type name, its types."""
+
+    node_id: str
+    node_cluster: str
+    peer: str
+    connected_at: float  # unix time
+    types: dict[str, TypeStatus]
+
+
 @dataclass
 class TypeStateBase:
     """What one stream knows of one resource type, in either protocol variant."""
@@ -111,7 +143,7 @@ class TypeStateBase:
     # quarantined, so one bad resource cannot hold back the rest.
     suspects: dict[str, str] = field(default_factory=dict)
 
-    def select(self, snapshot: Snapshot) -> dict[str, Resource]:
+    def select(self, snapshot: SnapshotLike) -> dict[str, Resource]:
         available = snapshot.of_type(self.type_url)
         if self.wildcard:
             return dict(available)
@@ -119,9 +151,13 @@ class TypeStateBase:
 
 
 S = TypeVar("S", bound=TypeStateBase)
+# A variant's request and response: DiscoveryRequest and Response here, DeltaDiscoveryRequest and
+# DeltaResponse in `delta`.
+Q = TypeVar("Q", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest)
+R = TypeVar("R")
 
 
-class StreamBase(Generic[S]):
+class StreamBase(Generic[S, Q, R]):
     """What both variants share: the client's identity, nonces, ACK/NACK bookkeeping, the order in
     which types are answered, and the introspection behind /debug/syncz."""
 
@@ -142,7 +178,10 @@ class StreamBase(Generic[S]):
         self._nonces = itertools.count(1)
         self.opened_at = time.time()
 
-    def on_snapshot(self, snapshot: Snapshot) -> list:
+    def on_request(self, request: Q, snapshot: SnapshotLike) -> list[R]:
+        raise NotImplementedError
+
+    def on_snapshot(self, snapshot: SnapshotLike) -> list[R]:
         return self._respond(snapshot)
 
     def _accept(
@@ -243,8 +282,8 @@ class StreamBase(Generic[S]):
             sendable[name] = wanted[name]
         return sendable, changes
 
-    def _respond(self, snapshot: Snapshot, only: str | None = None) -> list:
-        out = []
+    def _respond(self, snapshot: SnapshotLike, only: str | None = None) -> list[R]:
+        out: list[R] = []
         for type_url in ADS_ORDER:
             # Clusters are looked at after every reply: a deferred cluster removal may be due.
             if only is not None and type_url not in (only, CLUSTER):
@@ -257,7 +296,7 @@ class StreamBase(Generic[S]):
                 out.append(response)
         return out
 
-    def _routing_moves(self, snapshot: Snapshot) -> bool:
+    def _routing_moves(self, snapshot: SnapshotLike) -> bool:
         """Whether listeners or routes are in flight or about to change: clusters that disappear
         must stay until they have settled, so that no route points at a missing cluster."""
         return any(
@@ -266,7 +305,7 @@ class StreamBase(Generic[S]):
             if t in (LISTENER, ROUTE)
         )
 
-    def _wanted(self, state: S, snapshot: Snapshot) -> dict[str, Resource]:
+    def _wanted(self, state: S, snapshot: SnapshotLike) -> dict[str, Resource]:
         """The resources the client asks for. Endpoints are asked for by a cluster the client
         holds, so a name the snapshot lacks (its cluster is gone, or not yet sent) gets an empty
         ClusterLoadAssignment: Envoy holds its CDS ACK, and after a reconnect its CDS request,
@@ -278,13 +317,13 @@ class StreamBase(Generic[S]):
                 wanted[name] = _empty_assignment(name)
         return wanted
 
-    def _response_for(self, state: S, snapshot: Snapshot) -> object | None:
+    def _response_for(self, state: S, snapshot: SnapshotLike) -> R | None:
         raise NotImplementedError
 
-    def _has_update(self, state: S, snapshot: Snapshot) -> bool:
+    def _has_update(self, state: S, snapshot: SnapshotLike) -> bool:
         raise NotImplementedError
 
-    def describe(self) -> dict[str, object]:
+    def describe(self) -> StreamStatus:
         return {
             "node_id": self.node_id,
             "node_cluster": self.node_cluster,
@@ -330,11 +369,11 @@ class TypeState(TypeStateBase):
         return changed
 
 
-class SotwStream(StreamBase[TypeState]):
+class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]):
     """One state-of-the-world stream (ADS or one type): requests and snapshots in, responses out."""
 
     def on_request(
-        self, request: discovery_pb2.DiscoveryRequest, snapshot: Snapshot
+        self, request: discovery_pb2.DiscoveryRequest, snapshot: SnapshotLike
     ) -> list[Response]:
         if not self._accept(request):
             return []
@@ -357,7 +396,7 @@ class SotwStream(StreamBase[TypeState]):
                 state.owed = True
         return self._respond(snapshot, only=type_url)
 
-    def _response_for(self, state: TypeState, snapshot: Snapshot) -> Response | None:
+    def _response_for(self, state: TypeState, snapshot: SnapshotLike) -> Response | None:
         wanted = self._wanted(state, snapshot)
         self._forget_replaced(state, wanted)
         selected, changes = self._sotw_vet(state, wanted)
@@ -382,7 +421,7 @@ class SotwStream(StreamBase[TypeState]):
         state.resources_sent += len(ordered)
         return Response(state.type_url, version, nonce, ordered)
 
-    def _has_update(self, state: TypeState, snapshot: Snapshot) -> bool:
+    def _has_update(self, state: TypeState, snapshot: SnapshotLike) -> bool:
         selected, _ = self._sotw_vet(state, self._wanted(state, snapshot))
         return _version_of(state, selected, snapshot) != state.sent_version
 
@@ -417,7 +456,7 @@ def _empty_assignment(name: str) -> Resource:
 _DEPENDENT = {CLUSTER: ENDPOINT, LISTENER: ROUTE}
 
 
-def _version_of(state: TypeState, selected: Mapping[str, Resource], snapshot: Snapshot) -> str:
+def _version_of(state: TypeState, selected: Mapping[str, Resource], snapshot: SnapshotLike) -> str:
     available = snapshot.of_type(state.type_url)
     if (
         state.wildcard

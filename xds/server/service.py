@@ -10,16 +10,15 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-from google.protobuf.message import Message
 
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.cache import Cache, Snapshot
 from xds.resources import ADS_ORDER, CLUSTER, ENDPOINT, LISTENER, ROUTE
 from xds.server.delta import DeltaResponse, DeltaStream
-from xds.server.protocol import Response, SotwStream
+from xds.server.protocol import Response, SotwStream, StreamBase, StreamStatus
 from xds.server.tracing import PushTraces
 from xds.server.views import PerTypeViews, Rewrite, SnapshotView
 
@@ -27,6 +26,11 @@ if TYPE_CHECKING:
     from xds.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+# A stream variant's request and response: SotwStream's or DeltaStream's. Typing the handlers with
+# them checks that each variant is fed the requests its gRPC method deserializes.
+_Request = TypeVar("_Request", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest)
+_Response = TypeVar("_Response", Response, DeltaResponse)
 
 # (gRPC service, its state-of-the-world method, its delta method, the types it may carry)
 SERVICES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
@@ -75,37 +79,42 @@ class DiscoveryServer:
         self.metrics = metrics
         # Clients on per-type streams need clusters and listeners rewritten (see `views`).
         self._views = PerTypeViews(per_type_rewrite) if per_type_rewrite else None
-        self.streams: dict[int, SotwStream | DeltaStream] = {}
+        # Either variant: /debug/syncz and the subscription count read only what both have.
+        self.streams: dict[int, StreamBase[Any, Any, Any]] = {}
         self._ids = itertools.count(1)
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
-        return [
-            grpc.method_handlers_generic_handler(
-                service,
-                {
-                    sotw: self._handler(
-                        SotwStream, discovery_pb2.DiscoveryRequest, types, None if ads else "GRPC"
-                    ),
-                    delta: self._handler(
-                        DeltaStream,
-                        discovery_pb2.DeltaDiscoveryRequest,
-                        types,
-                        None if ads else "DELTA_GRPC",
-                    ),
-                },
+        handlers = []
+        for service, sotw, delta, types in SERVICES:
+            ads = types == ADS_ORDER
+            # Built apart from the dict below: gRPC's dict[str, RpcMethodHandler[Any, Any]] would
+            # let a stream variant paired with the other variant's request type pass unchecked.
+            sotw_handler = self._handler(
+                SotwStream, discovery_pb2.DiscoveryRequest, types, None if ads else "GRPC"
             )
-            for service, sotw, delta, types in SERVICES
-            for ads in (types == ADS_ORDER,)
-        ]
+            delta_handler = self._handler(
+                DeltaStream,
+                discovery_pb2.DeltaDiscoveryRequest,
+                types,
+                None if ads else "DELTA_GRPC",
+            )
+            handlers.append(
+                grpc.method_handlers_generic_handler(
+                    service, {sotw: sotw_handler, delta: delta_handler}
+                )
+            )
+        return handlers
 
     def _handler(
         self,
-        stream_type: type[SotwStream] | type[DeltaStream],
-        request_type: type[Message],
+        stream_type: type[StreamBase[Any, _Request, _Response]],
+        request_type: type[_Request],
         types: tuple[str, ...],
         api_type: str | None,
-    ) -> grpc.RpcMethodHandler:
-        async def handle(_requests: object, context: grpc.aio.ServicerContext) -> None:
+    ) -> grpc.RpcMethodHandler[_Request, bytes]:
+        async def handle(
+            _requests: object, context: grpc.aio.ServicerContext[_Request, bytes]
+        ) -> None:
             traces = PushTraces()
 
             def on_reply(type_url: str, error_message: str | None, seconds: float) -> None:
@@ -122,8 +131,8 @@ class DiscoveryServer:
 
     async def serve(
         self,
-        context: grpc.aio.ServicerContext,
-        stream: SotwStream | DeltaStream,
+        context: grpc.aio.ServicerContext[_Request, bytes],
+        stream: StreamBase[Any, _Request, _Response],
         api_type: str | None = None,
         traces: PushTraces | None = None,
     ) -> None:
@@ -146,12 +155,12 @@ class DiscoveryServer:
         try:
             while True:
                 await asyncio.wait((read, wake), return_when=asyncio.FIRST_COMPLETED)
-                responses: list[Response | DeltaResponse] = []
+                responses: list[_Response] = []
                 if read.done():
                     request = read.result()
                     if request is grpc.aio.EOF:
                         return
-                    responses += stream.on_request(request, snapshot)  # type: ignore[arg-type]
+                    responses += stream.on_request(request, snapshot)
                     read = asyncio.ensure_future(context.read())
                 if wake.done():
                     snapshot, changed = current()
@@ -179,7 +188,7 @@ class DiscoveryServer:
         """The type URL of every (stream, type) subscription: connected clients by type."""
         return [type_url for stream in self.streams.values() for type_url in stream.types]
 
-    def syncz(self) -> list[dict[str, object]]:
+    def syncz(self) -> list[StreamStatus]:
         return [self.streams[i].describe() for i in sorted(self.streams)]
 
 
