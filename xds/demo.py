@@ -130,11 +130,16 @@ async def _traffic(
     return 0 if failures == 0 else 1
 
 
+# Whether `_show` has drawn a block on the terminal yet: the next one is drawn over it.
+_drawn = False
+
+
 def _show(text: str, interactive: bool) -> None:
+    global _drawn
     if interactive:
         # Redraw in place: move up over the previous block, then clear to the end of the screen.
         lines = text.count("\n") + 1
-        sys.stdout.write(f"\x1b[{lines}F\x1b[J" if getattr(_show, "drawn", False) else "")
-        _show.drawn = True  # type: ignore[attr-defined]
+        sys.stdout.write(f"\x1b[{lines}F\x1b[J" if _drawn else "")
+        _drawn = True
     sys.stdout.write(text + "\n")
     sys.stdout.flush()

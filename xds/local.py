@@ -18,9 +18,9 @@ import socket
 import subprocess
 import tempfile
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -45,8 +45,13 @@ def free_port(host: str = "127.0.0.1") -> int:
             return port
 
 
+# What `wait_for` polls: any truthy result ends the wait (a list of connections, a response's text),
+# not only True; a coroutine is awaited for its result first.
+Condition = Callable[[], object]
+
+
 async def wait_for(
-    predicate: Callable[[], Awaitable[bool] | bool],
+    predicate: Condition,
     timeout: float = 10.0,
     interval: float = 0.02,
     what: str = "condition",
@@ -256,7 +261,9 @@ class Envoy:
         }
 
     async def config_dump(self, include_eds: bool = False) -> dict[str, Any]:
-        return await self.get_json("/config_dump" + ("?include_eds" if include_eds else ""))
+        # The admin's /config_dump is a JSON object ({"configs": [...]}).
+        dump = await self.get_json("/config_dump" + ("?include_eds" if include_eds else ""))
+        return cast(dict[str, Any], dump)
 
     async def endpoints(self) -> dict[str, set[str]]:
         """Healthy endpoint addresses ("ip:port") per cluster, from the admin /clusters view."""
