@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the SDK is imported only when tracing is asked for
+    from opentelemetry.sdk.trace import TracerProvider
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +30,7 @@ def tracing_requested(environ: dict[str, str] | None = None) -> bool:
     )
 
 
-def setup_tracing() -> object | None:
+def setup_tracing() -> TracerProvider | None:
     """Installs a TracerProvider exporting over OTLP/gRPC as `OTEL_*` configures it; returns it
     (to be shut down at exit, which flushes), or None when tracing is off."""
     if not tracing_requested():
@@ -45,6 +49,6 @@ def setup_tracing() -> object | None:
     return provider
 
 
-def shutdown(provider: object | None) -> None:
+def shutdown(provider: TracerProvider | None) -> None:
     if provider is not None:
-        provider.shutdown()  # type: ignore[attr-defined]
+        provider.shutdown()

@@ -4,7 +4,10 @@ entry point every call here is a no-op, and attributes are not even computed."""
 
 from __future__ import annotations
 
+from typing import cast
+
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
 
 from xds.resources import short_name
@@ -33,7 +36,10 @@ class PushTraces:
         if not self.enabled:
             return
         short = short_name(response.type_url)
-        span = tracer.start_span(f"push {short}", context=trace_context)  # type: ignore[arg-type]
+        # Snapshots hold the context as an opaque object (xds.cache stays free of OpenTelemetry);
+        # the app puts a Context there, or nothing.
+        context = cast(Context | None, trace_context)
+        span = tracer.start_span(f"push {short}", context=context)
         if span.is_recording():
             version = (
                 response.version if isinstance(response, Response) else response.system_version
