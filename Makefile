@@ -37,6 +37,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check xds tests bench protos
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest -q -rs
