@@ -532,10 +532,13 @@ def test_make_says_in_one_line_that_python_is_too_old(tmp_path: Path, venv_state
     if venv_state == "current":  # up to date: a Python asked for by name is checked all the same
         (venv / "bin").mkdir(parents=True)
         (venv / "bin" / "xds").touch()
+    # As a user runs it, not as a sub-make of `make test` (which would say `make[1]: ***`).
+    outer = ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")
+    env = {key: value for key, value in os.environ.items() if key not in outer}
     result = subprocess.run(
         ["make", "-C", str(ROOT), "--no-print-directory", "demo", f"PYTHON={old_python}",
          f"VENV={venv}"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
     assert result.returncode == 2
     first, *rest = result.stderr.splitlines()
