@@ -108,8 +108,41 @@ def test_eds_sends_only_subscribed_names_and_answers_names_not_yet_known():
     assert response.resources[1].body == b"\x0a\x05later"
     ack(stream, response, snap, ("a", "later"))
     [update] = stream.on_snapshot(snapshot(eds={"a": b"1", "b": b"2", "later": b"3"}))
-    assert names(update) == ["a", "later"]
-    assert update.resources[1].body == b"3"
+    # Only what changed: the client keeps "a", which the response leaves out.
+    assert names(update) == ["later"]
+    assert update.resources[0].body == b"3"
+
+
+def test_one_endpoint_change_sends_one_assignment_to_a_stream_subscribed_to_a_thousand():
+    everything = {f"ns/svc-{i}:http": b"v1" for i in range(1000)}
+    snap = snapshot(eds=everything)
+    stream = SotwStream()
+    subscribed = tuple(sorted(everything))
+    [first] = stream.on_request(request(ENDPOINT, subscribed), snap)
+    assert len(first.resources) == 1000
+    assert ack(stream, first, snap, subscribed) == []
+    changed = snapshot(eds={**everything, "ns/svc-500:http": b"v2"})
+    [update] = stream.on_snapshot(changed)
+    assert names(update) == ["ns/svc-500:http"]
+    assert update.version == changed.version(ENDPOINT) != first.version
+    assert ack(stream, update, changed, subscribed) == []
+    # A publish that touches no subscribed name sends nothing.
+    assert (
+        stream.on_snapshot(snapshot(eds={**everything, "ns/svc-500:http": b"v2", "x": b""})) == []
+    )
+    # A new subscription is answered whole: every subscribed name, the new one included.
+    more = (*subscribed, "ns/new:http")
+    [whole] = stream.on_request(request(ENDPOINT, more, update.version, update.nonce), changed)
+    assert len(whole.resources) == 1001
+
+
+def test_routes_after_a_change_carry_only_the_changed_route_configuration():
+    snap = snapshot(rds={"http:80": b"a", "http:81": b"b"})
+    stream = SotwStream()
+    [first] = stream.on_request(request(ROUTE, ("http:80", "http:81")), snap)
+    ack(stream, first, snap, ("http:80", "http:81"))
+    [update] = stream.on_snapshot(snapshot(rds={"http:80": b"a", "http:81": b"c"}))
+    assert names(update) == ["http:81"]
 
 
 def test_unrelated_eds_change_does_not_wake_a_subscriber():

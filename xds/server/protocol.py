@@ -11,8 +11,10 @@ returns the responses to send, in order. The rules it keeps (from the xDS protoc
   subscription, which is honoured anyway (ignoring it could starve the client of names it needs).
 - The first request of a type on a stream is a fresh subscription and is always answered, whatever
   version or nonce it carries (it may come from a stream to another server).
-- Clusters and Listeners are sent whole; Endpoints and Routes only for the subscribed names. An
-  empty first request for Clusters or Listeners is the legacy wildcard; `*` is the explicit one.
+- Clusters and Listeners are sent whole; Endpoints and Routes only for the subscribed names, and
+  after a change only those that changed (the client keeps the ones a response leaves out); a new
+  subscription or a re-asked type gets every subscribed name. An empty first request for Clusters
+  or Listeners is the legacy wildcard; `*` is the explicit one.
 - Make-before-break: types go out in the order CDS, EDS, LDS, RDS, and clusters that disappear are
   kept in one more CDS response until the listeners and routes that may still use them are acked.
 - Envoy rejects a whole response when one resource in it is invalid. After such a NACK the changes
@@ -407,6 +409,17 @@ class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]
         version = _version_of(state, selected, snapshot)
         if version == state.sent_version and not state.owed:
             return None
+        if state.owed or state.type_url in FULL_STATE_TYPES:
+            carried = selected
+        else:
+            # Endpoints and routes: the client keeps what a response leaves out, so a change
+            # carries only what differs from what it holds (one assignment, not every one).
+            previous = state.sent
+            carried = {
+                name: resource
+                for name, resource in selected.items()
+                if (held := previous.get(name)) is None or held.version != resource.version
+            }
         state.owed = False
         state.sent_version = version
         state.sent = selected
@@ -417,7 +430,7 @@ class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]
             # (routes), asking with names that may look unchanged: answer it all the same.
             dependent.owed = True
         nonce = self._next_nonce(state)
-        ordered = tuple(selected[name] for name in sorted(selected))
+        ordered = tuple(carried[name] for name in sorted(carried))
         state.resources_sent += len(ordered)
         return Response(state.type_url, version, nonce, ordered)
 
