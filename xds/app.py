@@ -206,10 +206,15 @@ class ControlPlane:
     async def _rebuild_loop(self) -> None:
         loop = asyncio.get_running_loop()
         quiet, longest = self.settings.debounce_quiet_s, self.settings.debounce_max_s
+        last_rebuild = float("-inf")
         while True:
             await self._dirty.wait()
+            # Leading edge: an event on a quiet system (nothing rebuilt for a quiet period) is
+            # served at once, adding no latency; events that follow within the window are
+            # coalesced into the next rebuild, within the bounded debounce below.
+            isolated = loop.time() - last_rebuild >= quiet
             deadline = loop.time() + longest
-            while True:
+            while not isolated:
                 self._dirty.clear()
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -224,6 +229,7 @@ class ControlPlane:
             except Exception:
                 # A bug in translation must not stop the control plane: the last snapshot stays.
                 log.exception("rebuild failed; still serving the previous snapshot")
+            last_rebuild = loop.time()
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:

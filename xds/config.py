@@ -50,8 +50,9 @@ class Settings:
     # Clients on per-type streams are told to fetch endpoints and routes through this cluster.
     xds_cluster_name: str = XDS_CLUSTER_NAME
 
-    # Event coalescing: a rebuild waits for `debounce_quiet_s` without new events, but never longer
-    # than `debounce_max_s` after the first event of a burst.
+    # Event coalescing: an event after `debounce_quiet_s` without a rebuild is rebuilt at once
+    # (leading edge); events that follow are coalesced: their rebuild waits for `debounce_quiet_s`
+    # without new events, but never longer than `debounce_max_s` after the first of them.
     debounce_quiet_s: float = 0.01
     debounce_max_s: float = 1.0
 

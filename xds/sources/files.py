@@ -49,9 +49,10 @@ STDIN_LOCATION = "<stdin>"
 # A stream is held in memory whole before parsing; beyond this it is refused, not read on.
 MAX_STREAM_BYTES = 64 * 1024 * 1024
 
-# The control plane debounces events itself; these only group the few events of one save.
+# The control plane debounces events itself; these only group the few events of one save: they
+# are yielded 1 ms after the last of them (5 ms at most), not after a fixed grouping delay.
 WATCH_DEBOUNCE_MS = 5
-WATCH_STEP_MS = 5
+WATCH_STEP_MS = 1
 # A watcher that fails to start (a directory removed under it, the inotify limit) is retried after
 # this long, rather than in a tight loop.
 WATCH_RETRY_S = 0.5
