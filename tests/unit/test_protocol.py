@@ -121,6 +121,8 @@ def test_one_endpoint_change_sends_one_assignment_to_a_stream_subscribed_to_a_th
     [first] = stream.on_request(request(ENDPOINT, subscribed), snap)
     assert len(first.resources) == 1000
     assert ack(stream, first, snap, subscribed) == []
+    state = stream.types[ENDPOINT]
+    assert state.accepted is state.sent  # an ACK copies nothing, whatever the subscription
     changed = snapshot(eds={**everything, "ns/svc-500:http": b"v2"})
     [update] = stream.on_snapshot(changed)
     assert names(update) == ["ns/svc-500:http"]

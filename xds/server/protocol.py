@@ -356,7 +356,8 @@ class StreamBase(Generic[S, Q, R]):
 class TypeState(TypeStateBase):
     """State-of-the-world: what was last sent, and whether an answer is owed regardless."""
 
-    sent: Mapping[str, Resource] = field(default_factory=dict)
+    # Replaced with each response, never changed in place (`accepted` may be the same dict).
+    sent: dict[str, Resource] = field(default_factory=dict)
     # A response is owed even if the resources did not change (a new subscription).
     owed: bool = False
 
@@ -451,12 +452,14 @@ class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]
         return sendable, changes
 
     def _accepted(self, state: TypeState) -> None:
-        state.accepted = dict(state.sent)
+        # Shared, not copied: a SotW stream replaces `sent` with each response and never changes
+        # either mapping in place, so an ACK costs nothing whatever the number of resources.
+        state.accepted = state.sent
 
     def _rejected(self, state: TypeState) -> None:
         # The client still runs its accepted state: that is what was "sent" now, so that the
         # accepted set is not sent again for nothing.
-        state.sent = dict(state.accepted)
+        state.sent = state.accepted
         state.sent_version = type_version(state.accepted.values())
 
 
