@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -18,6 +19,12 @@ from typing import Protocol
 from xds.resources import ADS_ORDER, Resource, type_version
 
 log = logging.getLogger(__name__)
+
+# Names of changed resources (added, changed or removed), by type URL: what one publish changed.
+Changes = Mapping[str, frozenset[str]]
+# How many publishes' change sets the cache remembers: a stream that fell further behind looks at
+# everything it subscribes to once, as it would without change sets.
+CHANGES_KEPT = 64
 
 
 class SnapshotLike(Protocol):
@@ -80,8 +87,24 @@ class Cache:
         self._changed = asyncio.Event()
         # Set by the first publish: until then there is nothing true to tell a client.
         self.initialized = asyncio.Event()
-        self.published = 0
+        self.published = 0  # also the serial number of the current snapshot
         self.refused = 0
+        # (serial, what that publish changed) of the latest publishes.
+        self._changes: deque[tuple[int, Changes]] = deque(maxlen=CHANGES_KEPT)
+
+    def changes_since(self, serial: int) -> Changes | None:
+        """What the publishes after `serial` changed, up to the current snapshot; None when that is
+        no longer known (a stream that fell too far behind must look at everything)."""
+        if serial == self.published:
+            return {}
+        if not self._changes or self._changes[0][0] > serial + 1:
+            return None
+        merged: dict[str, frozenset[str]] = {}
+        for published, changes in self._changes:
+            if published > serial:
+                for type_url, names in changes.items():
+                    merged[type_url] = merged.get(type_url, frozenset()) | names
+        return merged
 
     @property
     def snapshot(self) -> Snapshot:
@@ -107,9 +130,29 @@ class Cache:
             return False
         if snapshot.versions == self._snapshot.versions and self.initialized.is_set():
             return True
-        self._snapshot = snapshot
+        previous, self._snapshot = self._snapshot, snapshot
         self.published += 1
+        self._changes.append((self.published, _changes(previous, snapshot)))
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
         self.initialized.set()
         return True
+
+
+def _changes(before: Snapshot, after: Snapshot) -> Changes:
+    """The names whose resource differs between two snapshots, by type (only types that differ)."""
+    out: dict[str, frozenset[str]] = {}
+    for type_url in after.resources.keys() | before.resources.keys():
+        if before.version(type_url) == after.version(type_url):
+            continue
+        old, new = before.of_type(type_url), after.of_type(type_url)
+        names = {name for name in old.keys() ^ new.keys()}
+        names.update(
+            name
+            for name, resource in new.items()
+            if (held := old.get(name)) is not None
+            and held is not resource
+            and held.version != resource.version
+        )
+        out[type_url] = frozenset(names)
+    return out

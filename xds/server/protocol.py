@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypedDict, TypeVar
 
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
-from xds.cache import SnapshotLike
+from xds.cache import Changes, SnapshotLike
 from xds.resources import (
     ADS_ORDER,
     CLUSTER,
@@ -145,6 +145,11 @@ class TypeStateBase:
     # quarantined, so one bad resource cannot hold back the rest.
     suspects: dict[str, str] = field(default_factory=dict)
 
+    def touched_by(self, changed: frozenset[str]) -> bool:
+        """Whether a publish that changed these names of this type concerns this subscription
+        (or something else is owed: see the state-of-the-world state)."""
+        return bool(changed) and (self.wildcard or not self.names.isdisjoint(changed))
+
     def select(self, snapshot: SnapshotLike) -> dict[str, Resource]:
         available = snapshot.of_type(self.type_url)
         if self.wildcard:
@@ -183,8 +188,11 @@ class StreamBase(Generic[S, Q, R]):
     def on_request(self, request: Q, snapshot: SnapshotLike) -> list[R]:
         raise NotImplementedError
 
-    def on_snapshot(self, snapshot: SnapshotLike) -> list[R]:
-        return self._respond(snapshot)
+    def on_snapshot(self, snapshot: SnapshotLike, changes: Changes | None = None) -> list[R]:
+        """Responses for a new snapshot. With `changes` (what changed since the snapshot this
+        stream last saw), only the types whose subscribed names changed are looked at, so a
+        publish costs a stream what it changed for that stream, not what it subscribes to."""
+        return self._respond(snapshot, changes=changes)
 
     def _accept(
         self, request: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
@@ -284,7 +292,9 @@ class StreamBase(Generic[S, Q, R]):
             sendable[name] = wanted[name]
         return sendable, changes
 
-    def _respond(self, snapshot: SnapshotLike, only: str | None = None) -> list[R]:
+    def _respond(
+        self, snapshot: SnapshotLike, only: str | None = None, changes: Changes | None = None
+    ) -> list[R]:
         out: list[R] = []
         for type_url in ADS_ORDER:
             # Clusters are looked at after every reply: a deferred cluster removal may be due.
@@ -292,6 +302,8 @@ class StreamBase(Generic[S, Q, R]):
                 continue
             state = self.types.get(type_url)
             if state is None or state.awaiting_ack:
+                continue
+            if changes is not None and not state.touched_by(changes.get(type_url, frozenset())):
                 continue
             response = self._response_for(state, snapshot)
             if response is not None:
@@ -360,6 +372,10 @@ class TypeState(TypeStateBase):
     sent: dict[str, Resource] = field(default_factory=dict)
     # A response is owed even if the resources did not change (a new subscription).
     owed: bool = False
+
+    def touched_by(self, changed: frozenset[str]) -> bool:
+        # An answer owed (to a cluster change the client is warming for) goes out regardless.
+        return self.owed or super().touched_by(changed)
 
     def set_subscription(self, names: list[str], first: bool) -> bool:
         """Applies the names of a request; True when the subscription changed."""

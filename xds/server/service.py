@@ -143,13 +143,14 @@ class DiscoveryServer:
         stream_id = next(self._ids)
         self.streams[stream_id] = stream
 
-        def current() -> tuple[Snapshot | SnapshotView, asyncio.Event]:
+        def current() -> tuple[Snapshot | SnapshotView, asyncio.Event, int]:
             snapshot, changed = self.cache.watch()
+            serial = self.cache.published  # read with the snapshot: no await in between
             if api_type is None or self._views is None:
-                return snapshot, changed
-            return self._views.view(snapshot, api_type), changed
+                return snapshot, changed, serial
+            return self._views.view(snapshot, api_type), changed, serial
 
-        snapshot, changed = current()
+        snapshot, changed, serial = current()
         read = asyncio.ensure_future(context.read())
         wake = asyncio.ensure_future(changed.wait())
         try:
@@ -163,9 +164,10 @@ class DiscoveryServer:
                     responses += stream.on_request(request, snapshot)
                     read = asyncio.ensure_future(context.read())
                 if wake.done():
-                    snapshot, changed = current()
+                    changes = self.cache.changes_since(serial)
+                    snapshot, changed, serial = current()
                     wake = asyncio.ensure_future(changed.wait())
-                    responses += stream.on_snapshot(snapshot)
+                    responses += stream.on_snapshot(snapshot, changes)
                 for response in responses:
                     data = response.encode()
                     if self.metrics is not None:
