@@ -147,3 +147,46 @@ async def test_ten_thousand_connect_disconnect_cycles_leave_tasks_and_memory_fla
     await wait_until(lambda: len(asyncio.all_tasks()) <= tasks_before)
     print(f"10,000 cycles: Python heap grew by {grown / 1024:.0f} KiB")
     assert grown < 2 * 1024 * 1024  # a leak of ~200 bytes a stream would show as 1.7 MiB
+
+
+async def test_a_publish_wakes_only_the_streams_it_concerns(served):
+    cache, server, channel = served
+    names = [f"ns/s{i}:http" for i in range(20)]
+
+    def with_endpoints(changed: str = "", body: bytes = b"") -> dict[str, dict[str, Resource]]:
+        out = resources(b"\x0a\x01a")
+        for name in names:
+            out[ENDPOINT][name] = Resource.from_bytes(
+                ENDPOINT, name, body if name == changed else b""
+            )
+        return out
+
+    cache.publish(with_endpoints())
+    calls = []
+    for name in names:  # 20 streams, each subscribed to the endpoints of one Service
+        call = ads_call(channel)
+        await call.write(discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=[name]))
+        first = await asyncio.wait_for(call.read(), 5)
+        await call.write(
+            discovery_pb2.DiscoveryRequest(
+                type_url=ENDPOINT,
+                resource_names=[name],
+                version_info=first.version_info,
+                response_nonce=first.nonce,
+            )
+        )
+        calls.append(call)
+    await wait_until(
+        lambda: (
+            len(server.streams) == 20
+            and all(s.types[ENDPOINT].acks == 1 for s in server.streams.values())
+        )
+    )
+    before = server.wakeups
+    cache.publish(with_endpoints("ns/s7:http", b"\x0a\x0ans/s7:http"))
+    update = await asyncio.wait_for(calls[7].read(), 5)
+    assert [r.value for r in update.resources] == [b"\x0a\x0ans/s7:http"]
+    assert server.wakeups == before + 1  # the other 19 streams slept through it
+    for call in calls:
+        call.cancel()
+    await wait_until(lambda: not server.streams)

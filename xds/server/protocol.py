@@ -188,6 +188,14 @@ class StreamBase(Generic[S, Q, R]):
     def on_request(self, request: Q, snapshot: SnapshotLike) -> list[R]:
         raise NotImplementedError
 
+    def touched_by(self, changes: Changes) -> bool:
+        """Whether a publish with these changes gives this stream anything to look at now (a type
+        awaiting its ACK looks again when the ACK comes)."""
+        return any(
+            not state.awaiting_ack and state.touched_by(changes.get(type_url, frozenset()))
+            for type_url, state in self.types.items()
+        )
+
     def on_snapshot(self, snapshot: SnapshotLike, changes: Changes | None = None) -> list[R]:
         """Responses for a new snapshot. With `changes` (what changed since the snapshot this
         stream last saw), only the types whose subscribed names changed are looked at, so a
