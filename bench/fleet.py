@@ -1,0 +1,639 @@
+"""Fleet benchmark: the control plane serving N simulated Envoy clients over ADS, on loopback.
+
+What it measures, for each fleet size N (`--streams`), against a control plane of its own:
+
+- connect-all: from the start of the fleet (its worker processes started and imported, told to
+  go at once) until every client has ACKed its full initial configuration (CDS, EDS, LDS, RDS);
+- change -> all ACKed: for `--changes` single-endpoint changes made one at a time, the time from
+  the manifest write until each client ACKs an EDS response carrying the change; p50, p99 and max
+  over every (change, client) pair;
+- what each client receives per change: bytes (serialized responses), responses and resources;
+- the control plane's CPU seconds per change (utime + stime of its process in /proc, from after the
+  connect phase to the last change's last ACK, divided by the changes), and its RSS after connect
+  and at the end; the fleet's own CPU per change, since it shares the machine;
+- failed stream attempts: RPC errors while connecting (each is retried with a backoff).
+
+How: `xds serve` runs in a process of its own on a directory of S Services x E endpoints, one file
+per Service, so that a change is an atomic replace of one small file (one endpoint's address). W
+worker processes (`bench/_fleet_client.py`) each open N/W clients, one grpc.aio channel (one TCP
+connection) and one ADS stream each, and behave as Envoy does at start-up: clusters (wildcard), then
+endpoints for the clusters received, listeners (wildcard), then routes for the names in the
+listeners; every response is ACKed. `--delta` does the same with DeltaAggregatedResources. Each
+change gives one endpoint an address used by no earlier change, and the workers report back the
+wall-clock time at which each client ACKed the first EDS response that holds it; everything runs on
+one machine, so the parent compares those times with its own clock at the write.
+
+Endpoint addresses are in 127.0.0.0/8 and never contacted; the only connections are to the control
+plane on 127.0.0.1. Every wait has a deadline, the whole run is bounded by `--timeout` (it then
+reports what it has and exits 1), and every process it started is stopped on exit or Ctrl-C. It
+prints figures and never fails on a timing.
+
+    python bench/fleet.py                                   # N = 100, 1,000; 1,000 x 10 endpoints
+    python bench/fleet.py --delta --streams 100,1000,5000 --changes 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fleet_client import WorkerSpec, raise_fd_limit, worker_main  # noqa: E402
+
+from xds.local import free_port  # noqa: E402
+
+SERVICE_PORT = 80
+TARGET_PORT = 8080
+NAMESPACES = 20
+# Bounds on the counts, so that a typo cannot ask for a million processes or streams.
+MAX_STREAMS = 50_000
+MAX_WORKERS = 64
+MAX_SERVICES = 50_000
+MAX_ENDPOINTS = 250
+MAX_CHANGES = 10_000  # markers are 127.254.<k / 256>.<k % 256>
+# Waits that are not the measurement itself.
+READY_TIMEOUT_S = 120.0  # the control plane's first snapshot, workers' imports
+STOP_TIMEOUT_S = 10.0
+FLUSH_TIMEOUT_S = 5.0
+# Between changes, so that each is an isolated source event (rebuilt at once by the leading-edge
+# debounce, whose quiet period is 10 ms) rather than coalesced with the one before.
+CHANGE_GAP_S = 0.05
+# After the connect phase and after the last change: late responses land in the right phase.
+SETTLE_S = 1.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class Deadline(Exception):
+    """The global deadline passed: report what there is."""
+
+
+class Clock:
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self, cap: float | None = None) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise Deadline("global deadline (--timeout) reached")
+        return left if cap is None else min(left, cap)
+
+
+# --- the manifests ---------------------------------------------------------------------------
+
+
+def endpoint_address(service: int, endpoint: int) -> str:
+    # 127.1.0.0 upwards: 127.0.0.1 is the control plane's and 127.254/16 the change markers'.
+    return f"127.{1 + service // 256 % 200}.{service % 256}.{endpoint + 1}"
+
+
+def marker_address(change: int) -> str:
+    return f"127.254.{change // 256}.{change % 256}"
+
+
+def service_manifest(index: int, endpoints: int, first: str | None = None) -> str:
+    namespace, name = f"fleet-{index % NAMESPACES}", f"svc-{index}"
+    addresses = [endpoint_address(index, e) for e in range(endpoints)]
+    if first is not None:
+        addresses[0] = first
+    return yaml.safe_dump_all(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {
+                    # A Kubernetes service-range ClusterIP: configuration text only, never dialled.
+                    "clusterIP": f"10.96.{index // 256 % 256}.{index % 256}",
+                    "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": TARGET_PORT}],
+                },
+            },
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": f"{name}-1",
+                    "namespace": namespace,
+                    "labels": {"kubernetes.io/service-name": name},
+                },
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": TARGET_PORT}],
+                "endpoints": [
+                    {"addresses": [address], "conditions": {"ready": True}} for address in addresses
+                ],
+            },
+        ]
+    )
+
+
+def service_file(directory: Path, index: int) -> Path:
+    return directory / f"svc-{index}.yaml"
+
+
+def changed_service(change: int, services: int) -> int:
+    # Spread over the Services (7919 is prime), so successive changes touch different files.
+    return change * 7919 % services
+
+
+# --- /proc -----------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process (every thread), from /proc/<pid>/stat; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # The command name may hold spaces and parentheses: fields are counted after its ")".
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_mib(pid: int) -> float | None:
+    """VmRSS of a process; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def cpu_total(pids: list[int]) -> float | None:
+    seconds = [cpu_seconds(pid) for pid in pids]
+    return None if None in seconds else sum(s for s in seconds if s is not None)
+
+
+def per_change(before: float | None, after: float | None, changes: int) -> float | None:
+    return None if before is None or after is None else (after - before) / changes
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the control plane's child, before exec: SIGTERM when the benchmark dies, even by
+    SIGKILL, so that no server is left running (Linux's PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
+@dataclass
+class Fleet:
+    """The processes of one run: the control plane and the workers, stopped by `stop()`."""
+
+    plane: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    workers: list[BaseProcess] = field(default_factory=list)
+    pipes: list[Connection] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for conn in self.pipes:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send(("stop",))
+        until = time.monotonic() + STOP_TIMEOUT_S
+        for process in self.workers:
+            process.join(max(0.0, until - time.monotonic()))
+        for process in self.workers:
+            if process.is_alive():
+                process.terminate()
+                process.join(2.0)
+            if process.is_alive():
+                process.kill()
+                process.join(2.0)
+        for conn in self.pipes:
+            conn.close()
+        self.workers, self.pipes = [], []
+        if self.plane is not None and self.plane.poll() is None:
+            self.plane.terminate()
+            try:
+                self.plane.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.plane.kill()
+                self.plane.wait(STOP_TIMEOUT_S)
+        self.plane = None
+
+    def plane_log_tail(self, lines: int = 20) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def start_plane(fleet: Fleet, manifests: Path, log_path: Path, clock: Clock) -> tuple[int, int]:
+    xds_port, admin_port = free_port(), free_port()
+    fleet.log_path = log_path
+    with open(fleet.log_path, "wb") as log:
+        fleet.plane = subprocess.Popen(
+            [
+                sys.executable, "-m", "xds", "--log-level", "WARNING", "serve",
+                "--manifests", str(manifests), "--xds-port", str(xds_port),
+                "--admin-port", str(admin_port),
+            ],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            # A session of its own: Ctrl-C reaches the benchmark alone, which then stops the
+            # fleet before the server (the server would otherwise quit under its clients).
+            start_new_session=True, preexec_fn=_die_with_parent,
+        )  # fmt: skip
+    ready = f"http://127.0.0.1:{admin_port}/readyz"
+    until = time.monotonic() + clock.left(READY_TIMEOUT_S)
+    while True:
+        if fleet.plane.poll() is not None:
+            code, tail = fleet.plane.returncode, fleet.plane_log_tail()
+            raise RuntimeError(f"xds serve exited ({code}):\n{tail}")
+        with (
+            contextlib.suppress(urllib.error.URLError, OSError),
+            urllib.request.urlopen(ready, timeout=2.0) as response,
+        ):
+            if response.status == 200:
+                return xds_port, admin_port
+        if time.monotonic() > until:
+            raise Deadline("control plane not ready in time")
+        time.sleep(0.05)
+
+
+def receive(
+    fleet: Fleet, kind: str, seconds: float, accept: Any = None
+) -> dict[int, tuple[Any, ...]]:
+    """Waits up to `seconds` for one message of `kind` (matching `accept`, if given) from every
+    worker; returns those that came, by worker. A worker's error or death is raised."""
+    got: dict[int, tuple[Any, ...]] = {}
+    index = {id(conn): i for i, conn in enumerate(fleet.pipes)}
+    until = time.monotonic() + seconds
+    while len(got) < len(fleet.pipes):
+        left = until - time.monotonic()
+        if left <= 0:
+            break
+        waiting = [c for i, c in enumerate(fleet.pipes) if i not in got]
+        for conn in wait(waiting, timeout=left):
+            assert isinstance(conn, Connection)
+            worker = index[id(conn)]
+            try:
+                message = conn.recv()
+            except EOFError:
+                raise RuntimeError(f"worker {worker} died") from None
+            if message[0] == "error":
+                raise RuntimeError(f"worker {worker} failed:\n{message[1]}")
+            if message[0] == kind and (accept is None or accept(message)):
+                got[worker] = message
+    return got
+
+
+def start_workers(
+    fleet: Fleet, target: str, streams: int, workers: int, delta: bool, markers: Any, clock: Clock
+) -> None:
+    # spawn, not fork: a forked child would inherit the parent's state, and gRPC is not fork-safe.
+    context = multiprocessing.get_context("spawn")
+    for index in range(workers):
+        clients = streams // workers + (1 if index < streams % workers else 0)
+        parent_end, child_end = context.Pipe()
+        spec = WorkerSpec(index, target, clients, delta, markers)
+        process = context.Process(
+            target=worker_main, args=(child_end, spec), name=f"fleet-worker-{index}", daemon=True
+        )
+        process.start()
+        child_end.close()
+        fleet.workers.append(process)
+        fleet.pipes.append(parent_end)
+    ready = receive(fleet, "ready", clock.left(READY_TIMEOUT_S))
+    if len(ready) < workers:
+        raise Deadline("workers not ready in time")
+
+
+# --- one run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    streams: int
+    connect_s: float | None = None  # None: not every client configured
+    configured: int = 0
+    connect_p50_s: float | None = None
+    initial_bytes: dict[str, float] = field(default_factory=dict)  # by type, per client
+    failures: int = 0
+    latencies: list[float] = field(default_factory=list)  # seconds, one per (change, client)
+    missing: int = 0  # (change, client) pairs never ACKed
+    changes_done: int = 0
+    plane_cpu: float | None = None  # seconds per change
+    fleet_cpu: float | None = None
+    rss_connect: float | None = None
+    rss_end: float | None = None
+    bytes_per: float | None = None  # per client per change
+    responses_per: dict[str, float] = field(default_factory=dict)
+    resources_per: dict[str, float] = field(default_factory=dict)
+    broken: int = 0
+    errors: Counter[str] = field(default_factory=Counter)  # "connect CODE" / "later CODE"
+    error_examples: dict[str, str] = field(default_factory=dict)
+    note: str = ""
+
+
+def run_one(args: argparse.Namespace, streams: int, clock: Clock, result: Result) -> None:
+    with tempfile.TemporaryDirectory(prefix="xds-fleet-") as tmp:
+        workdir = Path(tmp)
+        manifests = workdir / "manifests"
+        manifests.mkdir()
+        for index in range(args.services):
+            service_file(manifests, index).write_text(service_manifest(index, args.endpoints))
+        fleet = Fleet()
+        try:
+            _run(args, streams, clock, result, fleet, manifests)
+        except Deadline as exc:
+            result.note = str(exc)
+            raise
+        except BaseException:
+            tail = fleet.plane_log_tail()
+            if tail:
+                print(f"control plane log (last lines):\n{tail}", file=sys.stderr)
+            raise
+        finally:
+            fleet.stop()
+
+
+def _run(
+    args: argparse.Namespace,
+    streams: int,
+    clock: Clock,
+    result: Result,
+    fleet: Fleet,
+    manifests: Path,
+) -> None:
+    log_dir = args.log_dir or manifests.parent
+    log_dir.mkdir(parents=True, exist_ok=True)
+    mode = "delta" if args.delta else "sotw"
+    log_path = log_dir / f"xds-serve-{mode}-{streams}.log"
+    xds_port, _ = start_plane(fleet, manifests, log_path, clock)
+    assert fleet.plane is not None
+    pid = fleet.plane.pid
+    markers = tuple((k, marker_address(k)) for k in range(1, args.changes + 1))
+    start_workers(fleet, f"127.0.0.1:{xds_port}", streams, args.workers, args.delta, markers, clock)
+
+    # Connect phase: workers stop waiting at the deadline and report what they have.
+    started = time.time()
+    connect_deadline = started + clock.left(args.connect_timeout)
+    for conn in fleet.pipes:
+        conn.send(("go", connect_deadline))
+    connected = receive(fleet, "connected", clock.left(connect_deadline - time.time() + 10))
+    configured_at = [t for m in connected.values() for t in m[1]]
+    result.failures = sum(m[2] for m in connected.values())
+    result.configured = len(configured_at)
+    initial: Counter[str] = Counter()
+    for m in connected.values():
+        initial.update(m[4]["bytes"])
+        result.errors.update(m[5])
+        for key, example in m[6].items():
+            result.error_examples.setdefault(key, example)
+    result.initial_bytes = {t: n / max(1, len(configured_at)) for t, n in sorted(initial.items())}
+    if configured_at:
+        result.connect_p50_s = statistics.median(configured_at) - started
+    if len(connected) < len(fleet.pipes) or result.configured < streams:
+        result.note = f"only {result.configured} of {streams} clients configured in time"
+        raise Deadline(result.note)
+    result.connect_s = max(configured_at) - started
+    time.sleep(SETTLE_S)
+    result.rss_connect = rss_mib(pid)
+
+    for conn in fleet.pipes:
+        conn.send(("begin",))
+    workers_pids = [p.pid for p in fleet.workers if p.pid is not None]
+    cpu_before = cpu_seconds(pid)
+    fleet_before = cpu_total(workers_pids)
+    try:
+        for change in range(1, args.changes + 1):
+            service = changed_service(change, args.services)
+            text = service_manifest(service, args.endpoints, first=marker_address(change))
+            path = service_file(manifests, service)
+            # An atomic replace, as editors and config-map volumes do: written aside (a name the
+            # source ignores) and renamed; the clock starts at the rename, the change's moment.
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(text)
+            written = time.time()
+            os.replace(tmp, path)
+            acked = receive(
+                fleet,
+                "acked",
+                clock.left(args.change_timeout),
+                accept=lambda m, change=change: m[1] == change,
+            )
+            if len(acked) < len(fleet.pipes):
+                # Late: ask the others for what they have, then stop changing.
+                for i, conn in enumerate(fleet.pipes):
+                    if i not in acked:
+                        conn.send(("flush", change))
+                acked.update(
+                    receive(
+                        fleet,
+                        "acked",
+                        FLUSH_TIMEOUT_S,
+                        accept=lambda m, change=change: m[1] == change,
+                    )
+                )
+            result.latencies += [t - written for m in acked.values() for t in m[2]]
+            missing = sum(m[3] for m in acked.values())
+            result.missing += missing
+            result.changes_done = change
+            if missing or len(acked) < len(fleet.pipes):
+                result.note = f"change {change}: not ACKed by every client within its timeout"
+                break
+            time.sleep(CHANGE_GAP_S)
+    finally:
+        if result.changes_done:
+            done = result.changes_done
+            result.plane_cpu = per_change(cpu_before, cpu_seconds(pid), done)
+            result.fleet_cpu = per_change(fleet_before, cpu_total(workers_pids), done)
+        result.rss_end = rss_mib(pid)
+    time.sleep(min(SETTLE_S, clock.left()))
+    for conn in fleet.pipes:
+        conn.send(("stats",))
+    stats = receive(fleet, "stats", clock.left(FLUSH_TIMEOUT_S))
+    clients = sum(m[1]["clients"] for m in stats.values())
+    pairs = max(1, clients * result.changes_done)
+    result.broken = sum(m[1]["broken"] for m in stats.values())
+    result.errors = Counter()  # the totals, connect phase included
+    for m in stats.values():
+        result.errors.update(m[1]["errors"])
+        for key, example in m[1]["examples"].items():
+            result.error_examples.setdefault(key, example)
+    if result.changes_done and clients:
+        result.bytes_per = sum(sum(m[1]["bytes"].values()) for m in stats.values()) / pairs
+        responses: Counter[str] = Counter()
+        resources: Counter[str] = Counter()
+        for m in stats.values():
+            responses.update(m[1]["responses"])
+            resources.update(m[1]["resources"])
+        result.responses_per = {t: n / pairs for t, n in sorted(responses.items())}
+        result.resources_per = {t: n / pairs for t, n in sorted(resources.items())}
+    if result.note:
+        raise Deadline(result.note)
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    return f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}"
+
+
+def quantile(ordered: list[float], q: float) -> float:
+    """Nearest-rank quantile of sorted samples."""
+    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 1))))
+    return ordered[rank - 1]
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:,.1f}"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+HEADER = (
+    f"{'streams':>7} {'connect-all':>11} {'change->all ACKed p50':>21} {'p99':>9} {'max':>9} "
+    f"{'bytes/client':>12} {'CP CPU':>9} {'CP RSS MiB':>15} {'failed':>6}"
+)
+UNITS = (
+    f"{'':>7} {'s':>11} {'ms':>21} {'ms':>9} {'ms':>9} "
+    f"{'/change':>12} {'s/change':>9} {'connect / end':>15} {'tries':>6}"
+)
+
+
+def row(r: Result) -> str:
+    ordered = sorted(r.latencies)
+    p50 = quantile(ordered, 0.50) if ordered else None
+    p99 = quantile(ordered, 0.99) if ordered else None
+    top = ordered[-1] if ordered else None
+    connect = _fmt(r.connect_s, ".2f")
+    if r.connect_s is None and r.configured:
+        connect = f"({r.configured} ok)"
+    rss = f"{_fmt(r.rss_connect, '.0f')} / {_fmt(r.rss_end, '.0f')}"
+    return (
+        f"{r.streams:>7,} {connect:>11} {_ms(p50):>21} {_ms(p99):>9} {_ms(top):>9} "
+        f"{_fmt(r.bytes_per, ',.0f'):>12} {_fmt(r.plane_cpu, '.3f'):>9} {rss:>15} "
+        f"{r.failures:>6}"
+    )
+
+
+def details(r: Result) -> str:
+    def per(counts: dict[str, float]) -> str:
+        return ", ".join(f"{t} {n:.2f}" for t, n in counts.items()) or "none"
+
+    lines = [
+        f"  N={r.streams:,}: {r.changes_done} changes x {r.configured:,} clients "
+        f"= {len(r.latencies):,} ACKs timed, {r.missing} missing; "
+        f"per-client config time p50 {_fmt(r.connect_p50_s, '.2f')} s; "
+        f"initial config per client {sum(r.initial_bytes.values()) / 1024:,.0f} KiB "
+        f"({', '.join(f'{t} {n / 1024:,.0f}' for t, n in r.initial_bytes.items())})",
+        f"    per client per change: responses {per(r.responses_per)}; "
+        f"resources {per(r.resources_per)}; fleet CPU {_fmt(r.fleet_cpu, '.3f')} s/change; "
+        f"streams broken after connect {r.broken}",
+    ]
+    for key, count in sorted(r.errors.items()):
+        lines.append(f"    RPC errors, {key}: {count:,} (e.g. {r.error_examples.get(key, '')!r})")
+    if r.note:
+        lines.append(f"    stopped: {r.note}")
+    return "\n".join(lines)
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
+    def bounded(low: int, high: int) -> Any:
+        def parse(text: str) -> int:
+            value = int(text)
+            if not low <= value <= high:
+                raise argparse.ArgumentTypeError(f"must be in [{low}, {high}]")
+            return value
+
+        return parse
+
+    def sizes(text: str) -> list[int]:
+        return [bounded(1, MAX_STREAMS)(part) for part in text.split(",") if part.strip()]
+
+    parser.add_argument("--streams", type=sizes, default=[100, 1000], help="N, comma-separated")
+    parser.add_argument("--services", type=bounded(1, MAX_SERVICES), default=1000)
+    parser.add_argument("--endpoints", type=bounded(1, MAX_ENDPOINTS), default=10)
+    parser.add_argument("--workers", type=bounded(1, MAX_WORKERS), default=4)
+    parser.add_argument("--changes", type=bounded(1, MAX_CHANGES), default=20)
+    parser.add_argument("--delta", action="store_true", help="incremental xDS (delta ADS)")
+    parser.add_argument(
+        "--log-dir", type=Path, help="keep the control plane's log (WARNING and up) there"
+    )
+    parser.add_argument("--timeout", type=float, default=300.0, help="global deadline, seconds")
+    parser.add_argument(
+        "--connect-timeout", type=float, default=120.0, help="connect phase deadline, seconds"
+    )
+    parser.add_argument(
+        "--change-timeout", type=float, default=60.0, help="deadline of one change, seconds"
+    )
+    args = parser.parse_args()
+    if min(args.timeout, args.connect_timeout, args.change_timeout) <= 0:
+        parser.error("timeouts must be positive")
+    return args
+
+
+def _terminate(signum: int, frame: FrameType | None) -> NoReturn:
+    raise KeyboardInterrupt  # SIGTERM too unwinds through the `finally`s that stop the fleet
+
+
+def main() -> int:
+    args = parse_args()
+    signal.signal(signal.SIGTERM, _terminate)
+    clock = Clock(args.timeout)
+    # Inherited by the control plane and the workers: each stream is a descriptor on both ends.
+    limit = raise_fd_limit()
+    mode = "delta ADS" if args.delta else "SotW ADS"
+    print(
+        f"fleet: {mode}, {args.services:,} Services x {args.endpoints} endpoints, "
+        f"{args.workers} workers, {args.changes} changes; {machine()}; open files {limit:,}"
+    )
+    if max(args.streams) + 100 > limit:
+        print(f"warning: open-file limit {limit} is below the largest N", file=sys.stderr)
+    print(HEADER)
+    print(UNITS)
+    results: list[Result] = []
+    status = 0
+    try:
+        for streams in args.streams:
+            result = Result(streams)
+            results.append(result)
+            try:
+                run_one(args, streams, clock, result)
+            finally:
+                print(row(result), flush=True)
+    except Deadline as exc:
+        print(f"incomplete: {exc}", file=sys.stderr)
+        status = 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        status = 130
+    for result in results:
+        print(details(result))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
