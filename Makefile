@@ -46,3 +46,5 @@ bench: install
 	$(BIN)/python bench/snapshot_build.py
 	$(BIN)/python bench/propagation.py --mode ads --mode xds --mode delta-ads --mode delta
 	$(BIN)/python bench/tracing_overhead.py
+	$(BIN)/python bench/fleet.py
+	$(BIN)/python bench/fleet.py --delta
