@@ -242,10 +242,10 @@ class Client:
         request = discovery_pb2.DiscoveryRequest
         call = self._method(SOTW_METHOD, request.SerializeToString)()
         names = self.worker.names
-        eds: frozenset[str] | None = None
-        rds: frozenset[str] | None = None
-        eds_sorted: list[str] = []
-        rds_sorted: list[str] = []
+        # EDS (RDS) names, as the clusters (listeners) received name them, sorted for requests.
+        subscribed: dict[str, frozenset[str] | None] = {ENDPOINT: None, ROUTE: None}
+        sorted_names: dict[str, list[str]] = {ENDPOINT: [], ROUTE: []}
+        dependent = {CLUSTER: ENDPOINT, LISTENER: ROUTE}
         # Subscription changes carry the last version and nonce of the type, as Envoy's do.
         last: dict[str, tuple[str, str]] = {}
         asked_listeners = False
@@ -259,37 +259,22 @@ class Client:
                 type_url = response.type_url
                 self._account(type_url, len(raw), len(response.resources))
                 version, nonce = response.version_info, response.nonce
-                ack_names: list[str] = []
-                if type_url == CLUSTER:
+                ack_names = sorted_names.get(type_url, [])
+                needed_type = dependent.get(type_url)
+                if needed_type is not None:
                     wanted = names.sotw(response)
-                    if wanted != eds:
-                        eds, eds_sorted = wanted, sorted(wanted)
-                        v, n = last.get(ENDPOINT, ("", ""))
+                    if wanted != subscribed[needed_type]:
+                        subscribed[needed_type] = wanted
+                        sorted_names[needed_type] = sorted(wanted)
+                        v, n = last.get(needed_type, ("", ""))
                         await call.write(
                             request(
-                                type_url=ENDPOINT,
-                                resource_names=eds_sorted,
+                                type_url=needed_type,
+                                resource_names=sorted_names[needed_type],
                                 version_info=v,
                                 response_nonce=n,
                             )
                         )
-                elif type_url == LISTENER:
-                    wanted = names.sotw(response)
-                    if wanted != rds:
-                        rds, rds_sorted = wanted, sorted(wanted)
-                        v, n = last.get(ROUTE, ("", ""))
-                        await call.write(
-                            request(
-                                type_url=ROUTE,
-                                resource_names=rds_sorted,
-                                version_info=v,
-                                response_nonce=n,
-                            )
-                        )
-                elif type_url == ENDPOINT:
-                    ack_names = eds_sorted
-                elif type_url == ROUTE:
-                    ack_names = rds_sorted
                 last[type_url] = (version, nonce)
                 # A state-of-the-world request names the whole subscription, ACKs included.
                 await call.write(

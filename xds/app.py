@@ -203,6 +203,20 @@ class ControlPlane:
             log.log(problem.level, "%s", problem)
         self._logged_problems = current
 
+    async def _coalesce(self, quiet: float, longest: float) -> None:
+        """Waits until no event has come for `quiet` seconds, or `longest` seconds have passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + longest
+        while True:
+            self._dirty.clear()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._dirty.wait(), timeout=min(quiet, remaining))
+            except TimeoutError:
+                return
+
     async def _rebuild_loop(self) -> None:
         loop = asyncio.get_running_loop()
         quiet, longest = self.settings.debounce_quiet_s, self.settings.debounce_max_s
@@ -211,18 +225,9 @@ class ControlPlane:
             await self._dirty.wait()
             # Leading edge: an event on a quiet system (nothing rebuilt for a quiet period) is
             # served at once, adding no latency; events that follow within the window are
-            # coalesced into the next rebuild, within the bounded debounce below.
-            isolated = loop.time() - last_rebuild >= quiet
-            deadline = loop.time() + longest
-            while not isolated:
-                self._dirty.clear()
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(self._dirty.wait(), timeout=min(quiet, remaining))
-                except TimeoutError:
-                    break
+            # coalesced into the next rebuild, within the bounded debounce.
+            if loop.time() - last_rebuild < quiet:
+                await self._coalesce(quiet, longest)
             self._dirty.clear()
             try:
                 await self.rebuild()

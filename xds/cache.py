@@ -146,7 +146,7 @@ def _changes(before: Snapshot, after: Snapshot) -> Changes:
         if before.version(type_url) == after.version(type_url):
             continue
         old, new = before.of_type(type_url), after.of_type(type_url)
-        names = {name for name in old.keys() ^ new.keys()}
+        names = set(old.keys() ^ new.keys())
         names.update(
             name
             for name, resource in new.items()

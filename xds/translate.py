@@ -378,8 +378,9 @@ class Translator:
         # ClusterIP first, since nothing else could reach it (min() keeps the first of equals).
         candidates = raw or ([] if http else tls)
         fallback = min(candidates, key=lambda c: c.cluster_ip is not None) if candidates else None
-        detect = bool(http) and fallback is not None
-        detect = detect or any(c.protocol.kind is Kind.DETECT for c in claims)
+        detect = (bool(http) and fallback is not None) or any(
+            c.protocol.kind is Kind.DETECT for c in claims
+        )
 
         manager = self._http_filter(port) if http else None
         chains: list[listener_components_pb2.FilterChain] = []
@@ -543,7 +544,7 @@ class Translator:
                     service.key,
                     name,
                     protocol,
-                    service.cluster_ip if claims.cluster_ip and not service.headless else None,
+                    service.cluster_ip if claims.cluster_ip else None,
                     self._host_names(service, claims) if protocol.kind is Kind.TLS else (),
                 )
             )

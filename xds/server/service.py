@@ -163,14 +163,14 @@ class DiscoveryServer:
         stream_id = next(self._ids)
         self.streams[stream_id] = stream
 
-        def current() -> tuple[Snapshot | SnapshotView, asyncio.Event, int]:
-            snapshot, changed = self.cache.watch()
-            serial = self.cache.published  # read with the snapshot: no await in between
+        def current() -> tuple[Snapshot | SnapshotView, int]:
+            # The snapshot and its serial, read together: no await in between.
+            snapshot, serial = self.cache.snapshot, self.cache.published
             if api_type is None or self._views is None:
-                return snapshot, changed, serial
-            return self._views.view(snapshot, api_type), changed, serial
+                return snapshot, serial
+            return self._views.view(snapshot, api_type), serial
 
-        snapshot, _, serial = current()
+        snapshot, serial = current()
         waker = self._wakers[stream_id] = asyncio.Event()
         if self._dispatcher is None:
             self._dispatcher = asyncio.create_task(self._dispatch())
@@ -186,13 +186,13 @@ class DiscoveryServer:
                         return
                     # The current snapshot, not the one last woken for: the dispatcher leaves a
                     # stream asleep through publishes that do not concern it.
-                    snapshot, _, _ = current()
+                    snapshot, _ = current()
                     responses += stream.on_request(request, snapshot)
                     read = asyncio.ensure_future(context.read())
                 if wake.done():
                     waker.clear()
                     changes = self.cache.changes_since(serial)
-                    snapshot, _, serial = current()
+                    snapshot, serial = current()
                     wake = asyncio.ensure_future(waker.wait())
                     responses += stream.on_snapshot(snapshot, changes)
                 for response in responses:
