@@ -12,7 +12,7 @@ import time
 
 from xds.cache import Snapshot
 from xds.resources import CLUSTER, Resource
-from xds.server.protocol import Response
+from xds.server.sotw import Response
 from xds.server.tracing import PushTraces
 
 

@@ -26,7 +26,9 @@ from xds.config import Settings
 from xds.metrics import Metrics
 from xds.model import Problem
 from xds.resources import short_name
+from xds.server.callbacks import CallbackList
 from xds.server.service import DiscoveryServer, start_server
+from xds.server.tracing import TracingCallbacks
 from xds.sources.files import ManifestSource
 from xds.translate import Translation, Translator, for_api_type
 
@@ -71,7 +73,7 @@ class ControlPlane:
         self.server = DiscoveryServer(
             self.cache,
             per_type_rewrite=functools.partial(for_api_type, xds_cluster=settings.xds_cluster_name),
-            metrics=self.metrics,
+            callbacks=CallbackList(TracingCallbacks(), self.metrics),
         )
         self.metrics.watch_state(self.server.subscriptions, self._snapshot_size)
         self.ready = False

@@ -16,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from xds.resources import short_name
+from xds.server.callbacks import AnyResponse, Callbacks, Stream
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -50,7 +51,9 @@ class _State(Collector):
         yield resources
 
 
-class Metrics:
+class Metrics(Callbacks):
+    """The control plane's Prometheus metrics; the discovery server reports to it as callbacks."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         by_type = ["type"]
@@ -92,11 +95,20 @@ class Metrics:
 
     # -- what the stages report -----------------------------------------------------------
 
-    def pushed(self, type_url: str, size: int) -> None:
-        self._pushes.labels(short_name(type_url)).inc()
-        self._bytes.labels(short_name(type_url)).inc(size)
+    def pushed(
+        self,
+        stream_id: int,
+        stream: Stream,
+        response: AnyResponse,
+        size: int,
+        trace_context: object,
+    ) -> None:
+        self._pushes.labels(short_name(response.type_url)).inc()
+        self._bytes.labels(short_name(response.type_url)).inc(size)
 
-    def replied(self, type_url: str, error_message: str | None, seconds: float) -> None:
+    def replied(
+        self, stream_id: int, type_url: str, error_message: str | None, seconds: float
+    ) -> None:
         (self._acks if error_message is None else self._nacks).labels(short_name(type_url)).inc()
         self._convergence.labels(short_name(type_url)).observe(seconds)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # only the shape: `xds status` need not load the server and its protobufs
-    from xds.server.protocol import StreamStatus, TypeStatus
+    from xds.server.stream import StreamStatus, TypeStatus
 
 COLUMNS = ("NODE", "PEER", "TYPE", "NAMES", "SENT", "NONCE", "ACKED", "STATE", "LAST NACK")
 

@@ -12,7 +12,7 @@ from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.cache import CHANGES_KEPT, Cache, Changes
 from xds.resources import CLUSTER, ENDPOINT, FULL_STATE_TYPES, LISTENER, ROUTE, Resource
 from xds.server.delta import DeltaResponse, DeltaStream
-from xds.server.protocol import Response, SotwStream
+from xds.server.sotw import Response, SotwStream
 
 TYPES = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 NAMES = {t: [f"{t.rsplit('.', 1)[-1]}-{i}" for i in range(40)] for t in TYPES}

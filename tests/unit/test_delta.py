@@ -129,7 +129,8 @@ def test_nack_is_recorded_and_the_rejected_resource_is_not_sent_again():
     [response] = stream.on_request(request(CLUSTER), bad)
     assert stream.on_request(request(CLUSTER, nonce=response.nonce, error="no good"), bad) == []
     state = stream.types[CLUSTER]
-    assert state.nack is not None and state.nack.message == "no good" and state.nacks == 1
+    nack = state.rejections.nack
+    assert nack is not None and nack.message == "no good" and state.rejections.count == 1
     assert stream.on_snapshot(bad) == []
     [fixed] = stream.on_snapshot(snapshot(cds={"a": b"good"}))
     assert names(fixed) == ["a"]
@@ -153,7 +154,7 @@ def test_legacy_wildcard_ends_with_the_first_explicit_name():
     [response] = stream.on_request(request(CLUSTER), snap)
     ack(stream, response, snap)
     stream.on_request(request(CLUSTER, ("a",), nonce=response.nonce), snap)
-    assert not stream.types[CLUSTER].wildcard
+    assert not stream.types[CLUSTER].sub.wildcard
     assert stream.on_snapshot(snapshot(cds={"a": b"1", "b": b"2"})) == []  # b: not asked for
     [update] = stream.on_snapshot(snapshot(cds={"a": b"2", "b": b"2"}))
     assert names(update) == ["a"]
@@ -166,7 +167,7 @@ def test_explicit_wildcard_stays_with_explicit_names_and_ends_with_unsubscribe()
     assert names(response) == ["a", "b"]
     ack(stream, response, snap)
     stream.on_request(request(CLUSTER, unsubscribe=("*",), nonce=response.nonce), snap)
-    assert not stream.types[CLUSTER].wildcard
+    assert not stream.types[CLUSTER].sub.wildcard
 
 
 def test_cluster_removal_waits_for_routes_moving_away():
@@ -200,6 +201,6 @@ def test_one_bad_resource_among_many_is_isolated_and_the_rest_delivered():
         )
     state = stream.types[CLUSTER]
     assert {n: r.body for n, r in state.accepted.items()} == {"a": b"a2", "b": b"b1", "c": b"c1"}
-    assert list(state.quarantine) == ["b"]
+    assert list(state.rejections.quarantine) == ["b"]
     assert all(len(s.resources) <= 1 for s in seen[1:])  # retried one at a time
     assert stream.on_snapshot(changed) == []  # nothing re-sent while nothing changes

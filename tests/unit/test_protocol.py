@@ -5,7 +5,7 @@ from __future__ import annotations
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.cache import Snapshot
 from xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource
-from xds.server.protocol import Response, SotwStream
+from xds.server.sotw import Response, SotwStream
 
 
 def snapshot(**by_type: dict[str, bytes]) -> Snapshot:
@@ -89,14 +89,14 @@ def test_nack_is_recorded_and_the_rejected_version_is_not_sent_again():
         request(CLUSTER, version="", nonce=response.nonce, error="invalid cluster a"), snap
     )
     assert replies == []
-    nack = stream.types[CLUSTER].nack
+    nack = stream.types[CLUSTER].rejections.nack
     assert nack is not None and nack.message == "invalid cluster a"
     assert nack.version == response.version
     assert stream.on_snapshot(snap) == []
     [fixed] = stream.on_snapshot(snapshot(cds={"a": b"good"}))
     ack(stream, fixed, snap)
-    assert stream.types[CLUSTER].nack is None
-    assert stream.types[CLUSTER].nacks == 1
+    assert stream.types[CLUSTER].rejections.nack is None
+    assert stream.types[CLUSTER].rejections.count == 1
 
 
 def test_eds_sends_only_subscribed_names_and_answers_names_not_yet_known():
@@ -263,8 +263,9 @@ def test_one_bad_resource_among_many_changes_is_isolated_and_the_rest_delivered(
     state = stream.types[CLUSTER]
     accepted = {name: r.body for name, r in state.accepted.items()}
     assert accepted == {"a": b"a2", "b": b"b1", "c": b"c2", "d": b"d1"}
-    assert state.quarantine == {"b": changed.of_type(CLUSTER)["b"].version}
-    assert state.nack is not None and stream.describe()["types"]["CDS"]["rejected_resources"]
+    assert state.rejections.quarantine == {"b": changed.of_type(CLUSTER)["b"].version}
+    assert state.rejections.nack is not None
+    assert stream.describe()["types"]["CDS"]["rejected_resources"]
     # Later changes still flow; the rejected version is never offered again.
     later = snapshot(cds={"a": b"a3", "b": b"BAD", "c": b"c2", "d": b"d1"})
     seen = run_client(stream, later, stream.on_snapshot(later), bad={b"BAD"})
@@ -272,4 +273,5 @@ def test_one_bad_resource_among_many_changes_is_isolated_and_the_rest_delivered(
     # Fixing the resource releases it and clears the NACK.
     fixed = snapshot(cds={"a": b"a3", "b": b"b2", "c": b"c2", "d": b"d1"})
     run_client(stream, fixed, stream.on_snapshot(fixed), bad={b"BAD"})
-    assert state.accepted["b"].body == b"b2" and not state.quarantine and state.nack is None
+    assert state.accepted["b"].body == b"b2"
+    assert not state.rejections.quarantine and state.rejections.nack is None

@@ -4,8 +4,9 @@ The server keeps, per type, the versions it believes the client holds (`known`):
 first request's `initial_resource_versions` (so a client reconnecting from another replica is sent
 only what differs), then updated with every response. A response carries the resources whose
 version differs from `known`, and `removed_resources` for names the client holds that are gone.
+Which names to compare comes from the publishes' change sets (see `stream`), not from a scan.
 
-Rules kept beyond the state-of-the-world ones (see `protocol`):
+Rules kept beyond the shared ones (see `stream`):
 
 - Subscription changes are deltas: every request's subscribe and unsubscribe lists are applied,
   even on a stale nonce, because dropping one would lose it for good.
@@ -25,7 +26,14 @@ from dataclasses import dataclass, field
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.cache import SnapshotLike
 from xds.resources import CLUSTER, FULL_STATE_TYPES, Resource, encode_len_field
-from xds.server.protocol import CONTROL_PLANE, WILDCARD, StreamBase, TypeStateBase
+from xds.server.stream import (
+    CONTROL_PLANE,
+    NO_NAMES,
+    WILDCARD,
+    StreamBase,
+    Subscription,
+    TypeStateBase,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +71,14 @@ class DeltaResponse:
 class DeltaTypeState(TypeStateBase):
     # name -> version the client holds, as far as the server knows.
     known: dict[str, str] = field(default_factory=dict)
+    # What the client holds for sure: the resources of its ACKed responses.
+    accepted: dict[str, Resource] = field(default_factory=dict)
     legacy_wildcard: bool = False
     answered: bool = False
     sent_removed: tuple[str, ...] = ()
     sent_resources: dict[str, Resource] = field(default_factory=dict)
+    # Clusters gone from the snapshot whose removal waits until routing has settled.
+    deferred: frozenset[str] = NO_NAMES
 
     def apply(self, request: discovery_pb2.DeltaDiscoveryRequest, first: bool) -> None:
         subscribe = set(request.resource_names_subscribe)
@@ -76,28 +88,27 @@ class DeltaTypeState(TypeStateBase):
             self.legacy_wildcard = not subscribe and self.type_url in FULL_STATE_TYPES
         elif subscribe:
             self.legacy_wildcard = False
-        self.names = frozenset((self.names | subscribe) - unsubscribe)
-        self.wildcard = self.legacy_wildcard or WILDCARD in self.names
-        if not self.wildcard:
+        names = frozenset((self.sub.names | subscribe) - unsubscribe)
+        wildcard = self.legacy_wildcard or WILDCARD in names
+        if first or wildcard != self.sub.wildcard:
+            self.pending = None
+        elif self.pending is not None:
+            self.pending |= (subscribe | unsubscribe) - {WILDCARD}
+        if names != self.sub.names or wildcard != self.sub.wildcard:
+            self.sub = Subscription(names, wildcard)
+        if not wildcard:
             for name in unsubscribe:
                 self.known.pop(name, None)
 
-    def diff(
-        self, wanted: dict[str, Resource], snapshot: SnapshotLike
-    ) -> tuple[list[Resource], list[str]]:
-        """Resources the client lacks or holds at another version (less those held back, see
-        `StreamBase._vet`); names it holds that are gone."""
-        _, changes = StreamBase._vet(self, wanted, self.known)
-        changed = [wanted[name] for name in changes]
-        available = snapshot.of_type(self.type_url)
-        removed = [
-            name
-            for name in sorted(self.known)
-            if name not in available
-            and name not in wanted
-            and (self.wildcard or name in self.names)
-        ]
-        return changed, removed
+
+@dataclass(slots=True)
+class _Plan:
+    changes: dict[str, Resource]  # the client lacks these versions
+    removed: list[str]  # the client holds these and they are gone
+    later: set[str]  # changes held back for a later response (one suspect at a time)
+
+    def __bool__(self) -> bool:
+        return bool(self.changes or self.removed)
 
 
 class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest, DeltaResponse]):
@@ -123,32 +134,60 @@ class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest
         state.apply(request, first)
         return self._respond(snapshot, only=type_url)
 
+    def _due(self, state: DeltaTypeState) -> bool:
+        return not state.answered or bool(state.deferred) or super()._due(state)
+
+    def _plan(self, state: DeltaTypeState, snapshot: SnapshotLike) -> _Plan:
+        wanted = state.wanted(snapshot)
+        known = state.known
+        if state.pending is None:
+            look = state.everything(snapshot, known)
+        else:
+            look = state.pending | state.deferred
+        changes, later = state.rejections.vet(look, wanted, known.get)
+        available = snapshot.of_type(state.type_url)
+        sub = state.sub
+        removed = sorted(
+            name
+            for name in look
+            if name in known
+            and name not in available
+            and name not in changes
+            and wanted(name) is None
+            and sub.covers(name)
+        )
+        return _Plan(changes, removed, later)
+
     def _response_for(self, state: DeltaTypeState, snapshot: SnapshotLike) -> DeltaResponse | None:
-        wanted = self._wanted(state, snapshot)
-        self._forget_replaced(state, wanted)
-        changed, removed = state.diff(wanted, snapshot)
+        state.rejections.forget_replaced(state.wanted(snapshot))
+        plan = self._plan(state, snapshot)
+        removed, deferred = plan.removed, NO_NAMES
         if removed and state.type_url == CLUSTER and self._routing_moves(snapshot):
-            removed = []  # make-before-break: clusters go once the routes have moved away
-        if not changed and not removed and state.answered:
+            # Make-before-break: clusters go once the routes have moved away.
+            removed, deferred = [], frozenset(removed)
+        state.pending, state.deferred = plan.later, deferred
+        if not plan.changes and not removed and state.answered:
             return None
         state.answered = True
+        changed = tuple(plan.changes.values())
         for resource in changed:
             state.known[resource.name] = resource.version
         for name in removed:
             del state.known[name]
-        state.sent_changes = {r.name: r.version for r in changed}
-        state.sent_resources = {r.name: r for r in changed}
+        state.sent_resources = dict(plan.changes)
         state.sent_removed = tuple(removed)
         state.resources_sent += len(changed)
-        state.sent_version = snapshot.version(state.type_url)
-        nonce = self._next_nonce(state)
+        nonce = self._send(
+            state,
+            snapshot.version(state.type_url),
+            {name: r.version for name, r in plan.changes.items()},
+        )
         return DeltaResponse(
-            state.type_url, state.sent_version, nonce, tuple(changed), tuple(removed)
+            state.type_url, snapshot.version(state.type_url), nonce, changed, tuple(removed)
         )
 
     def _has_update(self, state: DeltaTypeState, snapshot: SnapshotLike) -> bool:
-        changed, removed = state.diff(self._wanted(state, snapshot), snapshot)
-        return bool(changed or removed)
+        return self._due(state) and bool(self._plan(state, snapshot))
 
     def _accepted(self, state: DeltaTypeState) -> None:
         state.accepted.update(state.sent_resources)
@@ -156,9 +195,12 @@ class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest
             state.accepted.pop(name, None)
 
     def _rejected(self, state: DeltaTypeState) -> None:
-        # The client kept what it had: its versions are the accepted ones again.
+        # The client kept what it had: its versions are the accepted ones again, and what the
+        # rejected response carried is looked at again.
         for name in (*state.sent_resources, *state.sent_removed):
             if name in state.accepted:
                 state.known[name] = state.accepted[name].version
             else:
                 state.known.pop(name, None)
+            if state.pending is not None:
+                state.pending.add(name)

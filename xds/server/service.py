@@ -10,20 +10,20 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.cache import Cache, Snapshot
 from xds.resources import ADS_ORDER, CLUSTER, ENDPOINT, LISTENER, ROUTE
+from xds.server.callbacks import Callbacks
 from xds.server.delta import DeltaResponse, DeltaStream
-from xds.server.protocol import Response, SotwStream, StreamBase, StreamStatus
-from xds.server.tracing import PushTraces
+from xds.server.index import SubscriptionIndex
+from xds.server.sotw import Response, SotwStream
+from xds.server.stream import StreamBase, StreamStatus
+from xds.server.tracing import TracingCallbacks
 from xds.server.views import PerTypeViews, Rewrite, SnapshotView
-
-if TYPE_CHECKING:
-    from xds.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -73,24 +73,25 @@ class DiscoveryServer:
         self,
         cache: Cache,
         per_type_rewrite: Rewrite | None = None,
-        metrics: Metrics | None = None,
+        callbacks: Callbacks | None = None,
     ) -> None:
         self.cache = cache
-        self.metrics = metrics
+        # Told of every stream, push and reply: metrics and tracing (tracing alone by default).
+        self.callbacks = callbacks if callbacks is not None else TracingCallbacks()
         # Clients on per-type streams need clusters and listeners rewritten (see `views`).
         self._views = PerTypeViews(per_type_rewrite) if per_type_rewrite else None
         # Either variant: /debug/syncz and the subscription count read only what both have.
         self.streams: dict[int, StreamBase[Any, Any, Any]] = {}
         self._ids = itertools.count(1)
+        self._index = SubscriptionIndex()
         # Each stream's wake-up call, set by the dispatcher only when a publish concerns it.
         self._wakers: dict[int, asyncio.Event] = {}
         self._dispatcher: asyncio.Task[None] | None = None
         self.wakeups = 0  # streams woken by publishes: a measure of the work a publish causes
 
     async def _dispatch(self) -> None:
-        """Wakes, after each publish, only the streams whose subscriptions it changed: a
-        stream of 5,000 that the change does not concern costs a set intersection, not a task
-        switch and a look at everything it subscribes to."""
+        """Wakes, after each publish, only the streams subscribed to a name it changed (looked up
+        in the subscription index): the other streams cost nothing, however many there are."""
         serial = self.cache.published
         while True:
             _, published = self.cache.watch()
@@ -98,8 +99,10 @@ class DiscoveryServer:
                 await published.wait()
             changes = self.cache.changes_since(serial)
             serial = self.cache.published
-            for stream_id, waker in self._wakers.items():
-                if changes is None or self.streams[stream_id].touched_by(changes):
+            concerned = self._wakers.keys() if changes is None else self._index.concerned(changes)
+            for stream_id in concerned:
+                waker = self._wakers.get(stream_id)
+                if waker is not None:
                     waker.set()
                     self.wakeups += 1
 
@@ -135,15 +138,13 @@ class DiscoveryServer:
         async def handle(
             _requests: object, context: grpc.aio.ServicerContext[_Request, bytes]
         ) -> None:
-            traces = PushTraces()
+            stream_id = next(self._ids)
 
             def on_reply(type_url: str, error_message: str | None, seconds: float) -> None:
-                if self.metrics is not None:
-                    self.metrics.replied(type_url, error_message, seconds)
-                traces.replied(type_url, error_message)
+                self.callbacks.replied(stream_id, type_url, error_message, seconds)
 
             stream = stream_type(peer=context.peer(), types=types, on_reply=on_reply)
-            await self.serve(context, stream, api_type, traces)
+            await self.serve(context, stream, api_type, stream_id)
 
         return grpc.stream_stream_rpc_method_handler(
             handle, request_deserializer=request_type.FromString, response_serializer=_identity
@@ -154,14 +155,16 @@ class DiscoveryServer:
         context: grpc.aio.ServicerContext[_Request, bytes],
         stream: StreamBase[Any, _Request, _Response],
         api_type: str | None = None,
-        traces: PushTraces | None = None,
+        stream_id: int | None = None,
     ) -> None:
-        """Feeds one stream its requests and every new snapshot until the client goes away.
-        `api_type` names a per-type client's API type (GRPC, DELTA_GRPC); None for ADS."""
+        """Feeds one stream its requests and every publish that concerns it until the client goes
+        away. `api_type` names a per-type client's API type (GRPC, DELTA_GRPC); None for ADS."""
         # An empty answer before the first snapshot would tell Envoy to drop what it has.
         await self.cache.initialized.wait()
-        stream_id = next(self._ids)
+        if stream_id is None:
+            stream_id = next(self._ids)
         self.streams[stream_id] = stream
+        self.callbacks.stream_opened(stream_id, stream)
 
         def current() -> tuple[Snapshot | SnapshotView, int]:
             # The snapshot and its serial, read together: no await in between.
@@ -170,7 +173,7 @@ class DiscoveryServer:
                 return snapshot, serial
             return self._views.view(snapshot, api_type), serial
 
-        snapshot, serial = current()
+        _, serial = current()
         waker = self._wakers[stream_id] = asyncio.Event()
         if self._dispatcher is None:
             self._dispatcher = asyncio.create_task(self._dispatch())
@@ -179,30 +182,31 @@ class DiscoveryServer:
         try:
             while True:
                 await asyncio.wait((read, wake), return_when=asyncio.FIRST_COMPLETED)
+                # Whatever woke the stream, it first notes what was published since it last
+                # looked (for a stream the dispatcher left asleep, nothing it subscribes to).
+                changes = self.cache.changes_since(serial)
+                snapshot, serial = current()
+                stream.note(changes)
                 responses: list[_Response] = []
                 if read.done():
                     request = read.result()
                     if request is grpc.aio.EOF:
                         return
-                    # The current snapshot, not the one last woken for: the dispatcher leaves a
-                    # stream asleep through publishes that do not concern it.
-                    snapshot, _ = current()
                     responses += stream.on_request(request, snapshot)
+                    self._reindex(stream_id, stream, request.type_url)
                     read = asyncio.ensure_future(context.read())
-                if wake.done():
+                woken = wake.done()
+                if woken:
                     waker.clear()
-                    changes = self.cache.changes_since(serial)
-                    snapshot, serial = current()
                     wake = asyncio.ensure_future(waker.wait())
-                    responses += stream.on_snapshot(snapshot, changes)
+                if woken or changes is None:
+                    # A publish concerns this stream (or what changed is no longer known).
+                    responses += stream.respond(snapshot)
                 for response in responses:
                     data = response.encode()
-                    if self.metrics is not None:
-                        self.metrics.pushed(response.type_url, len(data))
-                    if traces is not None:
-                        traces.pushed(
-                            response, len(data), snapshot.trace_context, stream.node_id, stream.peer
-                        )
+                    self.callbacks.pushed(
+                        stream_id, stream, response, len(data), snapshot.trace_context
+                    )
                     await context.write(data)
         finally:
             for task in (read, wake):
@@ -211,12 +215,18 @@ class DiscoveryServer:
                     await task
             del self.streams[stream_id]
             del self._wakers[stream_id]
+            self._index.remove(stream_id, list(stream.types))
             if not self._wakers and self._dispatcher is not None:
                 # Nobody left to wake: no task outlives the last stream (or the event loop).
                 self._dispatcher.cancel()
                 self._dispatcher = None
-            if traces is not None:
-                traces.close()
+            self.callbacks.stream_closed(stream_id, stream)
+
+    def _reindex(self, stream_id: int, stream: StreamBase[Any, Any, Any], type_url: str) -> None:
+        sub = stream.subscription(type_url)
+        if sub is not None:
+            # The stream keeps the index's copy of its names: equal subscriptions share one set.
+            sub.names = self._index.subscribe(stream_id, type_url, sub.names, sub.wildcard)
 
     def subscriptions(self) -> list[str]:
         """The type URL of every (stream, type) subscription: connected clients by type."""

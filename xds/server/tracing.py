@@ -11,8 +11,9 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
 
 from xds.resources import short_name
+from xds.server.callbacks import AnyResponse, Callbacks, Stream
 from xds.server.delta import DeltaResponse
-from xds.server.protocol import Response
+from xds.server.sotw import Response
 
 tracer = trace.get_tracer("xds.server")
 
@@ -79,3 +80,39 @@ class PushTraces:
                 span.set_attribute("xds.outcome", "disconnected")
             span.end()
         self._open.clear()
+
+
+class TracingCallbacks(Callbacks):
+    """The server's callbacks that keep one PushTraces per stream."""
+
+    def __init__(self) -> None:
+        self._streams: dict[int, PushTraces] = {}
+
+    def stream_opened(self, stream_id: int, stream: Stream) -> None:
+        traces = PushTraces()
+        if traces.enabled:
+            self._streams[stream_id] = traces
+
+    def stream_closed(self, stream_id: int, stream: Stream) -> None:
+        traces = self._streams.pop(stream_id, None)
+        if traces is not None:
+            traces.close()
+
+    def pushed(
+        self,
+        stream_id: int,
+        stream: Stream,
+        response: AnyResponse,
+        size: int,
+        trace_context: object,
+    ) -> None:
+        traces = self._streams.get(stream_id)
+        if traces is not None:
+            traces.pushed(response, size, trace_context, stream.node_id, stream.peer)
+
+    def replied(
+        self, stream_id: int, type_url: str, error_message: str | None, seconds: float
+    ) -> None:
+        traces = self._streams.get(stream_id)
+        if traces is not None:
+            traces.replied(type_url, error_message)

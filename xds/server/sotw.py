@@ -1,0 +1,308 @@
+"""The state-of-the-world rules of an xDS stream (the shared half is in `stream`).
+
+- The first request of a type on a stream is a fresh subscription and is always answered, whatever
+  version or nonce it carries (it may come from a stream to another server).
+- A request with another nonce than the latest one is stale: it is ignored unless it changes the
+  subscription, which is honoured anyway (ignoring it could starve the client of names it needs).
+- Clusters and Listeners are sent whole; Endpoints and Routes only for the subscribed names, and
+  after a change only those that changed (the client keeps the ones a response leaves out); a new
+  subscription or a re-asked type gets every subscribed name. An empty first request for Clusters
+  or Listeners is the legacy wildcard; `*` is the explicit one.
+- After a NACK only a snapshot that changes the client's resources produces the next response.
+- Endpoints (and routes) are answered again after a cluster (listener) change even if the request
+  looks the same: the client is warming and waits for them.
+
+A wildcard subscriber holding exactly the snapshot's resources of a type holds the snapshot's own
+mapping and its version; a complete response's bytes (all but the nonce) depend only on its type
+and version, so thousands of streams share one encoding of it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from xds._pb.envoy.service.discovery.v3 import discovery_pb2
+from xds.cache import SnapshotLike
+from xds.resources import (
+    CLUSTER,
+    ENDPOINT,
+    FULL_STATE_TYPES,
+    LISTENER,
+    ROUTE,
+    Resource,
+    encode_len_field,
+    format_version,
+    version_share,
+)
+from xds.server.stream import (
+    CONTROL_PLANE,
+    NO_NAMES,
+    WILDCARD,
+    StreamBase,
+    Subscription,
+    TypeStateBase,
+)
+
+_T = TypeVar("_T")
+_CONTROL_PLANE_FIELD = encode_len_field(6, CONTROL_PLANE)  # DiscoveryResponse.control_plane
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    type_url: str
+    version: str
+    nonce: str
+    resources: tuple[Resource, ...]
+    # Carries the client's whole selection, so its bytes but the nonce are those of every complete
+    # response of this type and version: encoded once, shared by every stream.
+    complete: bool = False
+
+    def encode(self) -> bytes:
+        """DiscoveryResponse bytes, joined from resources serialized once for every stream."""
+        body = SHARED.body(self) if self.complete else _body(self)
+        return b"".join((body, encode_len_field(5, self.nonce.encode()), _CONTROL_PLANE_FIELD))
+
+
+def _body(response: Response) -> bytes:
+    return b"".join(
+        (
+            encode_len_field(1, response.version.encode()),
+            *(encode_len_field(2, r.any_bytes) for r in response.resources),
+            encode_len_field(4, response.type_url.encode()),
+        )
+    )
+
+
+class SharedEncodings:
+    """The latest complete responses by (type, version): their resources in order and their bytes,
+    built by the first stream that sends one and reused by the others."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._resources: OrderedDict[tuple[str, str], tuple[Resource, ...]] = OrderedDict()
+        self._bodies: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+        self.built = 0  # bodies encoded: a measure of the sharing
+
+    def resources(
+        self, type_url: str, version: str, selection: Mapping[str, Resource]
+    ) -> tuple[Resource, ...]:
+        key = (type_url, version)
+        found = self._resources.get(key)
+        if found is None:
+            found = self._remember(
+                self._resources, key, tuple(selection[name] for name in sorted(selection))
+            )
+        return found
+
+    def body(self, response: Response) -> bytes:
+        key = (response.type_url, response.version)
+        found = self._bodies.get(key)
+        if found is None:
+            self.built += 1
+            found = self._remember(self._bodies, key, _body(response))
+        return found
+
+    def _remember(self, memo: OrderedDict[tuple[str, str], _T], key: tuple[str, str], v: _T) -> _T:
+        memo[key] = v
+        if len(memo) > self._size:
+            memo.popitem(last=False)
+        return v
+
+
+SHARED = SharedEncodings()
+
+
+@dataclass
+class TypeState(TypeStateBase):
+    """State-of-the-world: what the client holds, and whether an answer is owed regardless."""
+
+    # What the client holds once the response in flight is ACKed: replaced with each response,
+    # never changed in place (`accepted` may be the same mapping, and a `whole` one is the
+    # snapshot's own).
+    sent: Mapping[str, Resource] = field(default_factory=dict)
+    accepted: Mapping[str, Resource] = field(default_factory=dict)
+    # `sent` is everything the snapshot has of the type, at the snapshot's versions.
+    whole: bool = False
+    # XOR of the version shares of `sent` (None: not computed yet): its version.
+    digest: int | None = None
+    # A response is owed even if the resources did not change (a new subscription).
+    owed: bool = False
+    # Clusters gone from the snapshot but kept in responses until routing has settled.
+    deferred: frozenset[str] = NO_NAMES
+
+    def set_subscription(self, names: list[str], first: bool) -> bool:
+        """Applies the names of a request; True when the subscription changed."""
+        sub = self.sub
+        wildcard = WILDCARD in names or (first and not names and self.type_url in FULL_STATE_TYPES)
+        if not first and not names and sub.wildcard and WILDCARD not in sub.names:
+            wildcard = True  # legacy wildcard stays on until the first explicit name
+        explicit = frozenset(n for n in names if n != WILDCARD)
+        if not first and explicit == sub.names and wildcard == sub.wildcard:
+            return False
+        if wildcard != sub.wildcard or self.pending is None:
+            self.pending = None
+        else:
+            self.pending |= explicit ^ sub.names  # names added are sent, names dropped forgotten
+        self.sub = Subscription(explicit, wildcard)
+        return True
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What a look at one type found, before anything is committed."""
+
+    changes: dict[str, Resource]  # to send: the client lacks these versions
+    removed: list[str]  # names the client holds and should not
+    later: set[str]  # changes held back for a later response (one suspect at a time)
+    diverges: bool  # something the client holds differs from the snapshot and stays so
+    full: bool  # every name was looked at, not only those changed
+
+    def __bool__(self) -> bool:
+        return bool(self.changes or self.removed)
+
+
+class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]):
+    """One state-of-the-world stream (ADS or one type): requests and snapshots in, responses out."""
+
+    def on_request(
+        self, request: discovery_pb2.DiscoveryRequest, snapshot: SnapshotLike
+    ) -> list[Response]:
+        if not self._accept(request):
+            return []
+        type_url = request.type_url
+        names = list(request.resource_names)
+        state = self.types.get(type_url)
+        if state is None:
+            state = self.types[type_url] = TypeState(type_url)
+            state.set_subscription(names, first=True)
+            state.owed = True
+        elif request.response_nonce and request.response_nonce != state.last_nonce:
+            if not state.set_subscription(names, first=False):
+                return []  # stale and nothing new: the answer to it was already superseded
+            state.owed = True
+        else:
+            if request.response_nonce and state.awaiting_ack:
+                error = request.error_detail.message if request.HasField("error_detail") else None
+                self._record_reply(state, error, request.version_info)
+            if state.set_subscription(names, first=False) or not request.response_nonce:
+                state.owed = True
+        return self._respond(snapshot, only=type_url)
+
+    def _due(self, state: TypeState) -> bool:
+        return state.owed or bool(state.deferred) or super()._due(state)
+
+    def _plan(self, state: TypeState, snapshot: SnapshotLike) -> _Plan:
+        wanted = state.wanted(snapshot)
+        sent = state.sent
+        # A wildcard subscriber that held back something (rejections, a deferred removal) looks
+        # at everything until it holds the snapshot's own mapping again.
+        pending = state.pending
+        full = pending is None or (
+            state.sub.wildcard and not state.whole and not state.rejections.holding()
+        )
+        look = (
+            state.everything(snapshot, sent)
+            if full or pending is None
+            else pending | state.deferred
+        )
+
+        def held(name: str) -> str | None:
+            resource = sent.get(name)
+            return None if resource is None else resource.version
+
+        changes, later = state.rejections.vet(look, wanted, held)
+        removed = []
+        diverges = bool(later)
+        for name in look:
+            if name in changes or name in later:
+                continue
+            want = wanted(name)
+            if want is None:
+                if name in sent:
+                    removed.append(name)
+            elif held(name) != want.version:
+                diverges = True  # a quarantined version: the client keeps what it accepted
+        return _Plan(changes, sorted(removed), later, diverges, full)
+
+    def _response_for(self, state: TypeState, snapshot: SnapshotLike) -> Response | None:
+        state.rejections.forget_replaced(state.wanted(snapshot))
+        plan = self._plan(state, snapshot)
+        removed, deferred = plan.removed, NO_NAMES
+        if removed and state.type_url == CLUSTER and self._routing_moves(snapshot):
+            removed, deferred = [], frozenset(removed)
+        if not plan.changes and not removed and not state.owed:
+            state.pending, state.deferred = plan.later, deferred
+            return None
+
+        available = snapshot.of_type(state.type_url)
+        whole = (
+            state.sub.wildcard and not plan.diverges and not deferred and (plan.full or state.whole)
+        )
+        digest = state.digest
+        if whole:
+            sent: Mapping[str, Resource] = available
+            version = snapshot.version(state.type_url)
+            digest = None
+        else:
+            updated = dict(state.sent)
+            if digest is None:
+                digest = _digest_of(updated)
+            for name in removed:
+                digest ^= version_share(name, updated.pop(name).version)
+            for name, resource in plan.changes.items():
+                held = updated.get(name)
+                if held is not None:
+                    digest ^= version_share(name, held.version)
+                digest ^= version_share(name, resource.version)
+                updated[name] = resource
+            sent = updated
+            version = format_version(digest)
+
+        complete = state.owed or state.type_url in FULL_STATE_TYPES
+        if complete:
+            resources = SHARED.resources(state.type_url, version, sent)
+        else:
+            # Endpoints and routes: the client keeps what a response leaves out, so a change
+            # carries only what differs from what it holds (one assignment, not every one).
+            resources = tuple(plan.changes.values())  # sorted by name
+        state.owed = False
+        state.sent, state.whole, state.digest = sent, whole, digest
+        state.pending, state.deferred = plan.later, deferred
+        changes = {name: r.version for name, r in plan.changes.items()}
+        dependent = self.types.get(_DEPENDENT.get(state.type_url, ""))
+        if changes and dependent is not None:
+            # A new or changed cluster (listener) starts warming and waits for its endpoints
+            # (routes), asking with names that may look unchanged: answer it all the same.
+            dependent.owed = True
+        nonce = self._send(state, version, changes)
+        state.resources_sent += len(resources)
+        return Response(state.type_url, version, nonce, resources, complete)
+
+    def _has_update(self, state: TypeState, snapshot: SnapshotLike) -> bool:
+        return state.owed or (self._due(state) and bool(self._plan(state, snapshot)))
+
+    def _accepted(self, state: TypeState) -> None:
+        # Shared, not copied: a SotW stream replaces `sent` with each response and never changes
+        # either mapping in place, so an ACK costs nothing whatever the number of resources.
+        state.accepted = state.sent
+
+    def _rejected(self, state: TypeState) -> None:
+        # The client still runs its accepted state: that is what was "sent" now, so that the
+        # accepted set is not sent again for nothing. What to retry is found by a full look.
+        state.sent, state.whole, state.digest = state.accepted, False, None
+        state.sent_version = state.acked_version
+        state.look_at_everything()
+
+
+def _digest_of(selection: Mapping[str, Resource]) -> int:
+    digest = 0
+    for name, resource in selection.items():
+        digest ^= version_share(name, resource.version)
+    return digest
+
+
+# In ADS order, the type whose resources a changed resource of the key type needs again.
+_DEPENDENT = {CLUSTER: ENDPOINT, LISTENER: ROUTE}

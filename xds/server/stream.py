@@ -1,0 +1,426 @@
+"""What both xDS stream variants (state-of-the-world in `sotw`, incremental in `delta`) share: the
+client's identity, its per-type state (subscription, the response in flight, rejections), ACK and
+NACK bookkeeping, the order in which types are answered, and the introspection behind /debug/syncz.
+
+Streams are free of gRPC so that they can be tested alone. They are fed two kinds of input, the
+client's requests and the cache's publishes, and return the responses to send, in order.
+
+**Work proportional to what changed.** Each type remembers the names that changed since it was last
+looked at (`TypeStateBase.pending`: only names it subscribes to), fed by the change set of every
+publish (`note`). A look at a type examines those names only; it examines everything only when that
+is unknown: a new subscription, a stream too far behind the cache's change sets, after a NACK. So a
+change to one endpoint costs a stream subscribed to 1,000 one comparison, not 1,000.
+
+Rules both variants keep (from the xDS protocol documentation):
+
+- A response is acknowledged by a request carrying its nonce; `error_detail` makes it a NACK. A NACK
+  is recorded with the client's message, and the rejected version is not sent again.
+- At most one un-acknowledged response per type: what changes meanwhile is merged into the next one.
+- Envoy rejects a whole response when one resource in it is invalid. After such a NACK the changes
+  of that response are retried one per response; a version rejected alone is quarantined (the
+  client keeps its accepted version of that resource) and everything else is delivered.
+- Make-before-break: types go out in the order CDS, EDS, LDS, RDS, and clusters that disappear are
+  kept until the listeners and routes that may still use them have settled.
+- Endpoints are asked for by a cluster the client is warming, and Envoy holds its CDS ACK until
+  they come: a subscribed name the snapshot lacks is answered with an empty assignment.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Generic, TypedDict, TypeVar
+
+from xds._pb.envoy.service.discovery.v3 import discovery_pb2
+from xds.cache import Changes, SnapshotLike
+from xds.resources import (
+    ADS_ORDER,
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    Resource,
+    encode_len_field,
+    short_name,
+)
+
+log = logging.getLogger(__name__)
+
+WILDCARD = "*"
+CONTROL_PLANE_ID = "xds-control-plane"
+# A serialized ControlPlane{identifier (field 1)}, sent in every response of both variants.
+CONTROL_PLANE = encode_len_field(1, CONTROL_PLANE_ID.encode())
+NO_NAMES: frozenset[str] = frozenset()
+
+# Told of every reply: the type, None for an ACK or the NACK's message, and the seconds since the
+# response went out.
+ReplyHook = Callable[[str, str | None, float], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    version: str  # the version the client rejected
+    message: str
+    at: float  # unix time
+
+
+class NackStatus(TypedDict):
+    version: str
+    message: str
+    at: float
+
+
+class TypeStatus(TypedDict):
+    """One type of one stream in /debug/syncz (and `xds status`)."""
+
+    wildcard: bool
+    subscribed: int
+    sent_version: str | None
+    nonce: str
+    awaiting_ack: bool
+    acked_version: str
+    acks: int
+    nacks: int
+    resources_sent: int
+    last_nack: NackStatus | None
+    rejected_resources: dict[str, str]  # name -> the version quarantined
+
+
+class StreamStatus(TypedDict):
+    """One stream in /debug/syncz: its client and, by short type name, its types."""
+
+    node_id: str
+    node_cluster: str
+    peer: str
+    connected_at: float  # unix time
+    types: dict[str, TypeStatus]
+
+
+@dataclass(slots=True)
+class Subscription:
+    """The names a client asked for, and whether it asked for everything."""
+
+    names: frozenset[str] = NO_NAMES
+    wildcard: bool = False
+
+    def covers(self, name: str) -> bool:
+        return self.wildcard or name in self.names
+
+    def among(self, changed: frozenset[str]) -> frozenset[str]:
+        """The subscribed names among these (set intersection walks the smaller set)."""
+        return changed if self.wildcard else changed & self.names
+
+
+@dataclass(slots=True)
+class InFlight:
+    """The response sent and not yet acknowledged."""
+
+    nonce: str
+    at: float  # time.monotonic() when it went out
+    # name -> version of the changes it carries: what a NACK may be about.
+    changes: dict[str, str]
+
+
+@dataclass(slots=True)
+class Rejections:
+    """What the client refused, and what is held back because of it."""
+
+    nack: Nack | None = None
+    count: int = 0
+    # Versions the client rejected alone: never sent again; the name stays at its accepted version.
+    quarantine: dict[str, str] = field(default_factory=dict)
+    # Versions rejected together with others: sent one per response until each is cleared or
+    # quarantined, so one bad resource cannot hold back the rest.
+    suspects: dict[str, str] = field(default_factory=dict)
+
+    def holding(self) -> bool:
+        return bool(self.quarantine or self.suspects)
+
+    def rejected(self, version: str, message: str, changes: Mapping[str, str]) -> None:
+        self.count += 1
+        self.nack = Nack(version, message, time.time())
+        if len(changes) == 1:
+            self.quarantine.update(changes)
+            self.suspects.pop(next(iter(changes)), None)
+        else:
+            self.suspects.update(changes)
+
+    def accepted(self, changes: Iterable[str]) -> None:
+        for name in changes:
+            self.suspects.pop(name, None)
+        self._settle()
+
+    def forget_replaced(self, wanted: Callable[[str], Resource | None]) -> None:
+        """A rejected version matters only while it is the one wanted."""
+        for held_back in (self.quarantine, self.suspects):
+            for name, version in list(held_back.items()):
+                current = wanted(name)
+                if current is None or current.version != version:
+                    del held_back[name]
+        self._settle()
+
+    def _settle(self) -> None:
+        if self.nack is not None and not self.holding():
+            self.nack = None  # everything rejected has been replaced: the NACK is history
+
+    def vet(
+        self,
+        names: Iterable[str],
+        wanted: Callable[[str], Resource | None],
+        held: Callable[[str], str | None],
+    ) -> tuple[dict[str, Resource], set[str]]:
+        """Of these names, the resources to send as changes (sorted by name): those whose wanted
+        version the client does not hold (`held`: its version of a name), quarantined versions left
+        out, and while some are suspect, only one suspect. Also returns the names held back for
+        a later response (the other changes while a suspect goes alone)."""
+        changes: dict[str, Resource] = {}
+        for name in sorted(names):
+            resource = wanted(name)
+            if resource is None or held(name) == resource.version:
+                continue
+            if self.quarantine.get(name) != resource.version:
+                changes[name] = resource
+        if self.suspects:
+            suspect = next(
+                (n for n, r in changes.items() if self.suspects.get(n) == r.version), None
+            )
+            if suspect is not None:
+                later = set(changes) - {suspect}
+                return {suspect: changes[suspect]}, later
+        return changes, set()
+
+
+@dataclass
+class TypeStateBase:
+    """What one stream knows of one resource type, in either protocol variant."""
+
+    type_url: str
+    sub: Subscription = field(default_factory=Subscription)
+    in_flight: InFlight | None = None
+    rejections: Rejections = field(default_factory=Rejections)
+    last_nonce: str = ""
+    sent_version: str | None = None
+    acked_version: str = ""
+    acks: int = 0
+    resources_sent: int = 0
+    # Subscribed names changed since this type was last looked at; None: look at everything.
+    pending: set[str] | None = None
+
+    @property
+    def awaiting_ack(self) -> bool:
+        return self.in_flight is not None
+
+    def note(self, changed: frozenset[str] | None) -> None:
+        """Remembers what a publish changed among the subscribed names (None: unknown)."""
+        if changed is None:
+            self.pending = None
+        elif self.pending is not None and changed:
+            self.pending |= self.sub.among(changed)
+
+    def look_at_everything(self) -> None:
+        self.pending = None
+
+    def wanted(self, snapshot: SnapshotLike) -> Callable[[str], Resource | None]:
+        """The resource the client should hold under a name, or None if it should hold none.
+        Endpoints are asked for by a cluster the client holds, so a subscribed name the snapshot
+        lacks (its cluster is gone, or not yet sent) gets an empty ClusterLoadAssignment: Envoy
+        holds its CDS ACK, and after a reconnect its CDS request, until a new cluster has warmed,
+        and without endpoints it would wait out its fetch timeout while the server waits for that
+        ACK to send the cluster's removal."""
+        available = snapshot.of_type(self.type_url)
+        sub = self.sub
+        empty_if_missing = self.type_url == ENDPOINT
+
+        def wanted(name: str) -> Resource | None:
+            if not sub.covers(name):
+                return None
+            resource = available.get(name)
+            if resource is None and empty_if_missing and name in sub.names:
+                return empty_assignment(name)
+            return resource
+
+        return wanted
+
+    def everything(self, snapshot: SnapshotLike, held: Iterable[str]) -> set[str]:
+        """Every name a full look examines: the subscribed ones and those the client holds."""
+        names = set(held)
+        names.update(self.sub.names)
+        if self.sub.wildcard:
+            names.update(snapshot.of_type(self.type_url))
+        names.discard(WILDCARD)
+        return names
+
+
+S = TypeVar("S", bound=TypeStateBase)
+# A variant's request and response: DiscoveryRequest and Response in `sotw`, DeltaDiscoveryRequest
+# and DeltaResponse in `delta`.
+Q = TypeVar("Q", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest)
+R = TypeVar("R")
+
+
+class StreamBase(Generic[S, Q, R]):
+    """The shared half of a stream; a variant supplies its request handling and its responses."""
+
+    def __init__(
+        self, peer: str = "", types: tuple[str, ...] = ADS_ORDER, on_reply: ReplyHook | None = None
+    ) -> None:
+        self.peer = peer
+        self._on_reply = on_reply
+        self.allowed_types = types
+        self.node_id = ""
+        self.node_cluster = ""
+        self.types: dict[str, S] = {}
+        self._nonces = itertools.count(1)
+        self.opened_at = time.time()
+
+    def on_request(self, request: Q, snapshot: SnapshotLike) -> list[R]:
+        raise NotImplementedError
+
+    def note(self, changes: Changes | None) -> None:
+        """Records what publishes changed (None: unknown) for the types this stream serves."""
+        for type_url, state in self.types.items():
+            state.note(None if changes is None else changes.get(type_url, NO_NAMES))
+
+    def on_snapshot(self, snapshot: SnapshotLike, changes: Changes | None = None) -> list[R]:
+        """Responses for a new snapshot. `changes` is what changed since the snapshot this stream
+        last saw (None, unknown: everything is looked at); only the types whose subscribed names
+        changed are looked at, and only at those names."""
+        self.note(changes)
+        return self._respond(snapshot)
+
+    def respond(self, snapshot: SnapshotLike) -> list[R]:
+        """Responses for every type with something noted to look at."""
+        return self._respond(snapshot)
+
+    def _accept(self, request: Q) -> bool:
+        """Remembers the node; False for a type this stream does not serve."""
+        if request.HasField("node") and not self.node_id:
+            # Keep only what identifies the client: the full node (with Envoy's extension list) is
+            # tens of kilobytes and arrives once per stream.
+            self.node_id = request.node.id
+            self.node_cluster = request.node.cluster
+        if request.type_url not in self.allowed_types:
+            log.warning(
+                "stream %s (%s) asked for unknown type %r",
+                self.peer,
+                self.node_id,
+                request.type_url,
+            )
+            return False
+        return True
+
+    def _send(self, state: S, version: str, changes: dict[str, str]) -> str:
+        """Records a response going out; returns its nonce."""
+        state.last_nonce = str(next(self._nonces))
+        state.sent_version = version
+        state.in_flight = InFlight(state.last_nonce, time.monotonic(), changes)
+        return state.last_nonce
+
+    def _record_reply(self, state: S, error_message: str | None, version: str) -> None:
+        in_flight, state.in_flight = state.in_flight, None
+        if in_flight is None:
+            return
+        if self._on_reply is not None:
+            self._on_reply(state.type_url, error_message, time.monotonic() - in_flight.at)
+        changes = in_flight.changes
+        if error_message is not None:
+            state.rejections.rejected(state.sent_version or "", error_message, changes)
+            log.warning(
+                "NACK from %s (%s) for %s version %s (%s): %s",
+                self.node_id,
+                self.peer,
+                short_name(state.type_url),
+                state.sent_version,
+                "rejected: " + ", ".join(changes)
+                if len(changes) == 1
+                else f"{len(changes)} changes, to be retried one by one",
+                error_message,
+            )
+            self._rejected(state)
+        else:
+            state.acks += 1
+            state.acked_version = version
+            state.rejections.accepted(changes)
+            self._accepted(state)
+
+    def _accepted(self, state: S) -> None:
+        """The response in flight was ACKed."""
+
+    def _rejected(self, state: S) -> None:
+        """The response in flight was NACKed: the client kept what it had accepted."""
+
+    def _due(self, state: S) -> bool:
+        """Whether a look at this type may find something to send."""
+        return state.pending is None or bool(state.pending)
+
+    def _respond(self, snapshot: SnapshotLike, only: str | None = None) -> list[R]:
+        out: list[R] = []
+        for type_url in ADS_ORDER:
+            state = self.types.get(type_url)
+            if state is None or state.awaiting_ack:
+                continue
+            # After a request, its own type is looked at, and clusters: a deferred removal may be
+            # due after any reply.
+            if only is not None and type_url not in (only, CLUSTER):
+                continue
+            if not self._due(state):
+                continue
+            response = self._response_for(state, snapshot)
+            if response is not None:
+                out.append(response)
+        return out
+
+    def _routing_moves(self, snapshot: SnapshotLike) -> bool:
+        """Whether listeners or routes are in flight or about to change: clusters that disappear
+        must stay until they have settled, so that no route points at a missing cluster."""
+        return any(
+            s.awaiting_ack or self._has_update(s, snapshot)
+            for t, s in self.types.items()
+            if t in (LISTENER, ROUTE)
+        )
+
+    def _response_for(self, state: S, snapshot: SnapshotLike) -> R | None:
+        raise NotImplementedError
+
+    def _has_update(self, state: S, snapshot: SnapshotLike) -> bool:
+        raise NotImplementedError
+
+    def subscription(self, type_url: str) -> Subscription | None:
+        state = self.types.get(type_url)
+        return None if state is None else state.sub
+
+    def describe(self) -> StreamStatus:
+        return {
+            "node_id": self.node_id,
+            "node_cluster": self.node_cluster,
+            "peer": self.peer,
+            "connected_at": self.opened_at,
+            "types": {short_name(url): _describe(s) for url, s in self.types.items()},
+        }
+
+
+def _describe(state: TypeStateBase) -> TypeStatus:
+    nack = state.rejections.nack
+    return {
+        "wildcard": state.sub.wildcard,
+        "subscribed": len(state.sub.names),
+        "sent_version": state.sent_version,
+        "nonce": state.last_nonce,
+        "awaiting_ack": state.awaiting_ack,
+        "acked_version": state.acked_version,
+        "acks": state.acks,
+        "nacks": state.rejections.count,
+        "resources_sent": state.resources_sent,
+        "last_nack": None
+        if nack is None
+        else {"version": nack.version, "message": nack.message, "at": nack.at},
+        "rejected_resources": dict(sorted(state.rejections.quarantine.items())),
+    }
+
+
+def empty_assignment(name: str) -> Resource:
+    # ClusterLoadAssignment{cluster_name (field 1)}: a cluster with no endpoints.
+    return Resource.from_bytes(ENDPOINT, name, encode_len_field(1, name.encode()))
