@@ -159,7 +159,8 @@ class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest
         return _Plan(changes, removed, later)
 
     def _response_for(self, state: DeltaTypeState, snapshot: SnapshotLike) -> DeltaResponse | None:
-        state.rejections.forget_replaced(state.wanted(snapshot))
+        if state.rejections.holding():
+            state.rejections.forget_replaced(state.wanted(snapshot))
         plan = self._plan(state, snapshot)
         removed, deferred = plan.removed, NO_NAMES
         if removed and state.type_url == CLUSTER and self._routing_moves(snapshot):

@@ -23,6 +23,7 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TypeVar
 
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
@@ -232,7 +233,8 @@ class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]
         return _Plan(changes, sorted(removed), later, frozenset(empties))
 
     def _response_for(self, state: TypeState, snapshot: SnapshotLike) -> Response | None:
-        state.rejections.forget_replaced(state.wanted(snapshot))
+        if state.rejections.holding():
+            state.rejections.forget_replaced(state.wanted(snapshot))
         plan = self._plan(state, snapshot)
         removed, deferred = plan.removed, NO_NAMES
         if removed and state.type_url == CLUSTER and self._routing_moves(snapshot):
@@ -242,21 +244,17 @@ class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]
             return None
 
         available = snapshot.of_type(state.type_url)
-        updated = dict(state.sent)
-        for name in removed:
-            del updated[name]
-        for resource in plan.changes.values():
-            # Keyed by the resource's own name: shared with the snapshot, not the request's copy.
-            updated[resource.name] = resource
+        held = state.sent
+        added = sum(1 for name in plan.changes if name not in held)
         # Nothing held back and exactly the snapshot's names: every name is at the snapshot's
         # version (a change to a subscribed name is always looked at), so the client holds the
-        # snapshot's own mapping, and its version.
+        # snapshot's own mapping, and its version; nothing is copied.
         whole = (
             not plan.later
             and not deferred
             and not plan.empties
             and not state.rejections.quarantine
-            and len(updated) == len(available)
+            and len(held) - len(removed) + added == len(available)
         )
         if whole:
             sent: Mapping[str, Resource] = available
@@ -265,14 +263,17 @@ class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]
         else:
             digest = state.digest
             if digest is None:
-                digest = _digest_of(state.sent)
+                digest = _digest_of(held)
+            updated = _copy(held)
             for name in removed:
-                digest ^= version_share(name, state.sent[name].version)
+                digest ^= version_share(name, updated.pop(name).version)
             for name, resource in plan.changes.items():
-                previous = state.sent.get(name)
+                previous = updated.get(name)
                 if previous is not None:
                     digest ^= version_share(name, previous.version)
                 digest ^= version_share(name, resource.version)
+                # Keyed by the resource's own name: shared with the snapshot, not the request's.
+                updated[resource.name] = resource
             sent = updated
             version = format_version(digest)
 
@@ -310,6 +311,13 @@ class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]
         state.sent, state.digest = state.accepted, None
         state.sent_version = state.acked_version
         state.look_at_everything()
+
+
+def _copy(mapping: Mapping[str, Resource]) -> dict[str, Resource]:
+    # A dict or a snapshot's read-only view of one copies in C; dict(view) walks it in Python.
+    if isinstance(mapping, dict | MappingProxyType):
+        return mapping.copy()
+    return dict(mapping)
 
 
 def _digest_of(selection: Mapping[str, Resource]) -> int:
