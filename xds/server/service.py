@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -173,33 +173,27 @@ class DiscoveryServer:
                 return snapshot, serial
             return self._views.view(snapshot, api_type), serial
 
-        _, serial = current()
+        seen = current()[1]  # the serial of the last publish this stream has noted
         waker = self._wakers[stream_id] = asyncio.Event()
         if self._dispatcher is None:
             self._dispatcher = asyncio.create_task(self._dispatch())
-        read = asyncio.ensure_future(context.read())
-        wake = asyncio.ensure_future(waker.wait())
-        try:
-            while True:
-                await asyncio.wait((read, wake), return_when=asyncio.FIRST_COMPLETED)
+        # One turn at a time, requests and publishes alike: responses leave in the order they
+        # were decided (clusters before their endpoints).
+        turn = asyncio.Lock()
+
+        async def look(request: _Request | None) -> None:
+            nonlocal seen
+            async with turn:
                 # Whatever woke the stream, it first notes what was published since it last
                 # looked (for a stream the dispatcher left asleep, nothing it subscribes to).
-                changes = self.cache.changes_since(serial)
-                snapshot, serial = current()
+                changes = self.cache.changes_since(seen)
+                snapshot, seen = current()
                 stream.note(changes)
                 responses: list[_Response] = []
-                if read.done():
-                    request = read.result()
-                    if request is grpc.aio.EOF:
-                        return
+                if request is not None:
                     responses += stream.on_request(request, snapshot)
                     self._reindex(stream_id, stream, request.type_url)
-                    read = asyncio.ensure_future(context.read())
-                woken = wake.done()
-                if woken:
-                    waker.clear()
-                    wake = asyncio.ensure_future(waker.wait())
-                if woken or changes is None:
+                if request is None or changes is None:
                     # A publish concerns this stream (or what changed is no longer known).
                     responses += stream.respond(snapshot)
                 for response in responses:
@@ -208,8 +202,30 @@ class DiscoveryServer:
                         stream_id, stream, response, len(data), snapshot.trace_context
                     )
                     await context.write(data)
+
+        async def read() -> None:
+            while True:
+                # Typed as the request, but the end of the client's half comes as EOF.
+                request: object = await context.read()
+                if request is grpc.aio.EOF:
+                    return
+                await look(cast(_Request, request))
+
+        async def push() -> None:
+            while True:
+                await waker.wait()
+                waker.clear()
+                await look(None)
+
+        # Two tasks for the life of the stream, not two per message: a task per read and per
+        # wake-up, and a wait on both, cost more than the response itself at 1,000 streams.
+        tasks = (asyncio.create_task(read()), asyncio.create_task(push()))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # the client's EOF ends the stream; an error is raised here
         finally:
-            for task in (read, wake):
+            for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
