@@ -38,6 +38,8 @@ def short_name(type_url: str) -> str:
 
 
 def encode_varint(value: int) -> bytes:
+    if value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -49,6 +51,10 @@ def encode_varint(value: int) -> bytes:
 def encode_len_field(field_number: int, payload: bytes) -> bytes:
     """One length-delimited field (string, bytes or sub-message) in protobuf wire format."""
     return encode_varint(field_number << 3 | 2) + encode_varint(len(payload)) + payload
+
+
+# Every response frames a few fields per resource: the one-byte varints are made once.
+_ONE_BYTE = tuple(bytes((value,)) for value in range(0x80))
 
 
 def content_hash(*parts: bytes | str) -> str:

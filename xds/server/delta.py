@@ -49,16 +49,7 @@ class DeltaResponse:
         return b"".join(
             (
                 encode_len_field(1, self.system_version.encode()),
-                *(
-                    # envoy.service.discovery.v3.Resource: version 1, resource 2, name 3.
-                    encode_len_field(
-                        2,
-                        encode_len_field(1, r.version.encode())
-                        + encode_len_field(2, r.any_bytes)
-                        + encode_len_field(3, r.name.encode()),
-                    )
-                    for r in self.resources
-                ),
+                *(_entry(r) for r in self.resources),
                 encode_len_field(4, self.type_url.encode()),
                 encode_len_field(5, self.nonce.encode()),
                 *(encode_len_field(6, name.encode()) for name in self.removed),
@@ -67,16 +58,36 @@ class DeltaResponse:
         )
 
 
+def _entry(resource: Resource) -> bytes:
+    """A resource framed as a DeltaDiscoveryResponse entry, once for every stream that sends it."""
+    key = (resource.type_url, resource.name, resource.version)
+    entry = _ENTRIES.get(key)
+    if entry is None:
+        if len(_ENTRIES) >= _ENTRIES_KEPT:
+            _ENTRIES.clear()  # a bound on memory, not a policy: entries are framed again on demand
+        # envoy.service.discovery.v3.Resource: version 1, resource 2, name 3; in field 2.
+        entry = _ENTRIES[key] = encode_len_field(
+            2,
+            encode_len_field(1, resource.version.encode())
+            + encode_len_field(2, resource.any_bytes)
+            + encode_len_field(3, resource.name.encode()),
+        )
+    return entry
+
+
+_ENTRIES: dict[tuple[str, str, str], bytes] = {}
+_ENTRIES_KEPT = 50_000
+
+
 @dataclass
 class DeltaTypeState(TypeStateBase):
     # name -> version the client holds, as far as the server knows.
     known: dict[str, str] = field(default_factory=dict)
-    # What the client holds for sure: the resources of its ACKed responses.
-    accepted: dict[str, Resource] = field(default_factory=dict)
     legacy_wildcard: bool = False
     answered: bool = False
-    sent_removed: tuple[str, ...] = ()
-    sent_resources: dict[str, Resource] = field(default_factory=dict)
+    # name -> the version the client held before the response in flight (None: none), for the
+    # names it changes: what a NACK restores. No copy of everything the client holds is kept.
+    undo: dict[str, str | None] = field(default_factory=dict)
     # Clusters gone from the snapshot whose removal waits until routing has settled.
     deferred: frozenset[str] = NO_NAMES
 
@@ -171,12 +182,12 @@ class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest
             return None
         state.answered = True
         changed = tuple(plan.changes.values())
+        known = state.known
+        state.undo = {name: known.get(name) for name in (*plan.changes, *removed)}
         for resource in changed:
-            state.known[resource.name] = resource.version
+            known[resource.name] = resource.version
         for name in removed:
-            del state.known[name]
-        state.sent_resources = dict(plan.changes)
-        state.sent_removed = tuple(removed)
+            del known[name]
         state.resources_sent += len(changed)
         nonce = self._send(
             state,
@@ -191,17 +202,16 @@ class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest
         return self._due(state) and bool(self._plan(state, snapshot))
 
     def _accepted(self, state: DeltaTypeState) -> None:
-        state.accepted.update(state.sent_resources)
-        for name in state.sent_removed:
-            state.accepted.pop(name, None)
+        state.undo = {}
 
     def _rejected(self, state: DeltaTypeState) -> None:
-        # The client kept what it had: its versions are the accepted ones again, and what the
-        # rejected response carried is looked at again.
-        for name in (*state.sent_resources, *state.sent_removed):
-            if name in state.accepted:
-                state.known[name] = state.accepted[name].version
-            else:
+        # The client kept what it had: its versions are restored, and what the rejected response
+        # carried is looked at again.
+        for name, version in state.undo.items():
+            if version is None:
                 state.known.pop(name, None)
+            else:
+                state.known[name] = version
             if state.pending is not None:
                 state.pending.add(name)
+        state.undo = {}

@@ -1,0 +1,201 @@
+"""Stream state benchmark: what the xDS stream state machines cost per stream, without gRPC.
+
+For N streams (SotW and delta) behaving as Envoy at start-up against a snapshot of S clusters, S
+endpoint assignments, one listener and one route configuration (clusters and listeners by wildcard,
+endpoints and routes by name, every response ACKed), it prints:
+
+- connect: the state machines' time per stream for the initial exchange (requests in, responses
+  encoded, ACKs in), and how many response bodies were encoded for all N (shared encodings);
+- heap per stream: Python memory allocated by the N connected streams (tracemalloc), divided by N;
+- one endpoint change: for C publishes that change one assignment each, the time per stream to
+  note the change, respond, encode and take the ACK, and the bytes sent per stream.
+
+The server's gRPC cost is not here (see `bench/fleet.py` for the whole): this isolates the work
+that is ours. Resource bodies are opaque bytes of realistic sizes; nothing touches the network.
+
+    python bench/stream_state.py                      # N = 1,000, S = 1,000, C = 20
+    python bench/stream_state.py --streams 5000 --services 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import os
+import platform
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from xds._pb.envoy.service.discovery.v3 import discovery_pb2
+from xds.cache import Cache
+from xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource, encode_len_field
+from xds.server.delta import DeltaResponse, DeltaStream
+from xds.server.index import SubscriptionIndex
+from xds.server.sotw import SHARED, Response, SotwStream
+
+Stream = SotwStream | DeltaStream
+AnyResponse = Response | DeltaResponse
+
+
+def resources(services: int, generation: dict[str, int]) -> dict[str, dict[str, Resource]]:
+    names = [f"ns-{i % 20}/svc-{i}:http" for i in range(services)]
+    return {
+        CLUSTER: {n: Resource.from_bytes(CLUSTER, n, n.encode() + b"c" * 330) for n in names},
+        ENDPOINT: {
+            n: Resource.from_bytes(ENDPOINT, n, n.encode() + b"%d" % generation.get(n, 0) * 300)
+            for n in names
+        },
+        LISTENER: {"port:80": Resource.from_bytes(LISTENER, "port:80", b"l" * 600)},
+        ROUTE: {"http:80": Resource.from_bytes(ROUTE, "http:80", b"r" * 250 * services)},
+    }
+
+
+# As the server does: equal subscriptions share one set of names (`xds.server.index`).
+INDEX = SubscriptionIndex()
+
+
+@dataclass
+class Client:
+    stream: Stream
+    id: int
+    sent_bytes: int = 0
+
+    def on_request(self, request: object, cache: Cache) -> list[AnyResponse]:
+        responses = self.stream.on_request(request, cache.snapshot)  # type: ignore[arg-type]
+        for type_url, state in self.stream.types.items():
+            sub = state.sub
+            sub.names = INDEX.subscribe(self.id, type_url, sub.names, sub.wildcard)
+        return responses
+
+    def request(self, type_url: str, names: list[str], answer: AnyResponse | None) -> object:
+        if isinstance(self.stream, SotwStream):
+            # Parsed from bytes, as the server receives it: a SotW request repeats every name.
+            data = _names_template(type_url, tuple(names))
+            if isinstance(answer, Response):
+                data += encode_len_field(1, answer.version.encode())
+                data += encode_len_field(5, answer.nonce.encode())
+            return discovery_pb2.DiscoveryRequest.FromString(data)
+        delta = discovery_pb2.DeltaDiscoveryRequest(type_url=type_url)
+        if answer is None:
+            delta.resource_names_subscribe.extend(names)
+        else:
+            delta.response_nonce = answer.nonce
+        return delta
+
+    def exchange(self, cache: Cache, responses: list[AnyResponse], names: list[str]) -> None:
+        """Encodes and ACKs until the stream has nothing more to say."""
+        while responses:
+            response = responses.pop(0)
+            self.sent_bytes += len(response.encode())
+            type_names = names if response.type_url in (ENDPOINT, ROUTE) else []
+            if response.type_url == ROUTE:
+                type_names = ["http:80"]
+            request = self.request(response.type_url, type_names, response)
+            responses.extend(self.on_request(request, cache))
+
+
+@functools.cache
+def _names_template(type_url: str, names: tuple[str, ...]) -> bytes:
+    request = discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=names)
+    return request.SerializeToString()
+
+
+def connect(client: Client, cache: Cache, endpoint_names: list[str]) -> None:
+    for type_url, names in (
+        (CLUSTER, []),
+        (ENDPOINT, endpoint_names),
+        (LISTENER, []),
+        (ROUTE, ["http:80"]),
+    ):
+        first = client.request(type_url, names, None)
+        client.exchange(cache, client.on_request(first, cache), endpoint_names)
+
+
+def run(variant: Callable[[], Stream], streams: int, services: int, changes: int) -> list[str]:
+    generation: dict[str, int] = {}
+    cache = Cache()
+    cache.publish(resources(services, generation))
+    endpoint_names = sorted(cache.snapshot.of_type(ENDPOINT))
+    gc.collect()
+    built = SHARED.built
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    started = time.perf_counter()
+    clients = []
+    for index in range(streams):
+        client = Client(variant(), index)
+        connect(client, cache, endpoint_names)
+        clients.append(client)
+    connect_s = time.perf_counter() - started
+    gc.collect()
+    heap = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    encoded = SHARED.built - built
+
+    for client in clients:
+        client.sent_bytes = 0
+    serial = cache.published
+    timings = []
+    for change in range(changes):
+        name = endpoint_names[(change * 7919) % len(endpoint_names)]
+        generation[name] = generation.get(name, 0) + 1
+        cache.publish(resources(services, generation))  # not timed: translation's share
+        delta = cache.changes_since(serial)
+        serial = cache.published
+        started = time.perf_counter()
+        for client in clients:
+            client.exchange(cache, client.stream.on_snapshot(cache.snapshot, delta), endpoint_names)
+        timings.append(time.perf_counter() - started)
+    per_change = sum(timings) / len(timings)
+    for client in clients:
+        INDEX.remove(client.id, list(client.stream.types))
+    sent = sum(c.sent_bytes for c in clients) / streams / changes
+    kind = "SotW" if isinstance(clients[0].stream, SotwStream) else "delta"
+    return [
+        kind,
+        f"{streams:,}",
+        f"{services:,}",
+        f"{connect_s / streams * 1e3:.2f}",
+        f"{encoded:,}",
+        f"{heap / streams / 1024:.1f}",
+        f"{per_change / streams * 1e6:.1f}",
+        f"{per_change * 1e3:.1f}",
+        f"{sent:,.0f}",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--services", type=int, default=1000)
+    parser.add_argument("--changes", type=int, default=20)
+    args = parser.parse_args()
+    print(
+        f"stream state machines, no gRPC: {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, {platform.platform()}"
+    )
+    header = [
+        "variant",
+        "streams",
+        "services",
+        "connect ms/stream",
+        "bodies encoded",
+        "heap KiB/stream",
+        "change us/stream",
+        "change ms/all",
+        "bytes/stream/change",
+    ]
+    rows = [
+        run(variant, args.streams, args.services, args.changes)
+        for variant in (SotwStream, DeltaStream)
+    ]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    for row in (header, *rows):
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+if __name__ == "__main__":
+    main()
