@@ -97,6 +97,8 @@ class DeltaTypeState(TypeStateBase):
         if first:
             self.known = dict(request.initial_resource_versions)
             self.legacy_wildcard = not subscribe and self.type_url in FULL_STATE_TYPES
+        elif not subscribe and not unsubscribe:
+            return  # an ACK: nothing to apply, whatever the number of names subscribed
         elif subscribe:
             self.legacy_wildcard = False
         names = frozenset((self.sub.names | subscribe) - unsubscribe)
