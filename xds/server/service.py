@@ -262,8 +262,6 @@ async def start_server(
             ("grpc.max_send_message_length", 256 * 1024 * 1024),
             # Without this, a second control plane on the same port would silently share it.
             ("grpc.so_reuseport", 0),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ]
             # Connection storms (a fleet restarting, a replica taking over another's proxies):
             # grpc.aio takes new calls from gRPC's core one per event-loop turn, so while the
             # loop answers the first streams, the later ones wait in core's queue of calls not
@@ -286,12 +284,14 @@ async def start_server(
             # and up never earns a strike (core's default allows one per 5 minutes, and the
             # third strike closes the connection with GOAWAY too_many_pings).
             ("grpc.keepalive_permit_without_calls", 1),
-    )
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             # Our own PING after a minute of silence, answered within 20 s or the connection is
             # closed: a proxy whose node vanished without closing its socket frees its stream
             # in under 1.5 minutes instead of core's default of 2 hours.
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.keepalive_timeout_ms", 20_000),
+        ]
+    )
     grpc_server.add_generic_rpc_handlers(server.handlers())
     try:
         bound = grpc_server.add_insecure_port(f"{host}:{port}")
