@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from xds.cache import Snapshot
-from xds.resources import CLUSTER, ENDPOINT, Resource
+from xds.cache import Cache, Snapshot
+from xds.resources import CLUSTER, ENDPOINT, Resource, type_version
 from xds.server.views import PerTypeViews
 
 
@@ -37,3 +37,32 @@ def test_views_rewrite_only_changed_resources_and_pass_other_types():
     calls.clear()
     views.view(snap(b"2"), "GRPC").of_type(CLUSTER)
     assert calls == ["a"]
+
+
+def test_a_new_view_rewrites_only_what_the_publishes_changed_and_versions_its_content():
+    calls: list[str] = []
+
+    def rewrite(resource: Resource, api_type: str) -> Resource:
+        calls.append(resource.name)
+        return Resource.from_bytes(resource.type_url, resource.name, resource.body + b"!")
+
+    def clusters(bodies: dict[str, bytes]) -> dict[str, dict[str, Resource]]:
+        return {CLUSTER: {n: Resource.from_bytes(CLUSTER, n, b) for n, b in bodies.items()}}
+
+    cache = Cache()
+    bodies = {f"c{i}": b"1" for i in range(500)}
+    cache.publish(clusters(bodies))
+    views = PerTypeViews(rewrite, cache.changes_since)
+    views.view(cache.snapshot, "GRPC", cache.published).of_type(CLUSTER)
+    assert len(calls) == 500
+    for step in range(3):  # several publishes between two looks
+        bodies[f"c{step}"] = b"2"
+        cache.publish(clusters(bodies))
+    del bodies["c499"]
+    cache.publish(clusters(bodies))
+    calls.clear()
+    view = views.view(cache.snapshot, "GRPC", cache.published)
+    items = view.of_type(CLUSTER)
+    assert sorted(calls) == ["c0", "c1", "c2"]  # not the other 496
+    assert "c499" not in items and items["c0"].body == b"2!" and len(items) == 499
+    assert view.version(CLUSTER) == type_version(items.values())

@@ -79,7 +79,9 @@ class DiscoveryServer:
         # Told of every stream, push and reply: metrics and tracing (tracing alone by default).
         self.callbacks = callbacks if callbacks is not None else TracingCallbacks()
         # Clients on per-type streams need clusters and listeners rewritten (see `views`).
-        self._views = PerTypeViews(per_type_rewrite) if per_type_rewrite else None
+        self._views = (
+            PerTypeViews(per_type_rewrite, cache.changes_since) if per_type_rewrite else None
+        )
         # Either variant: /debug/syncz and the subscription count read only what both have.
         self.streams: dict[int, StreamBase[Any, Any, Any]] = {}
         self._ids = itertools.count(1)
@@ -171,7 +173,7 @@ class DiscoveryServer:
             snapshot, serial = self.cache.snapshot, self.cache.published
             if api_type is None or self._views is None:
                 return snapshot, serial
-            return self._views.view(snapshot, api_type), serial
+            return self._views.view(snapshot, api_type, serial), serial
 
         seen = current()[1]  # the serial of the last publish this stream has noted
         waker = self._wakers[stream_id] = asyncio.Event()
