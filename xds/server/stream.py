@@ -7,9 +7,10 @@ client's requests and the cache's publishes, and return the responses to send, i
 
 **Work proportional to what changed.** Each type remembers the names that changed since it was last
 looked at (`TypeStateBase.pending`: only names it subscribes to), fed by the change set of every
-publish (`note`). A look at a type examines those names only; it examines everything only when that
-is unknown: a new subscription, a stream too far behind the cache's change sets, after a NACK. So a
-change to one endpoint costs a stream subscribed to 1,000 one comparison, not 1,000.
+publish (`note`), and by subscription changes (the names added and dropped). A look at a type
+examines those names only; it examines everything only when that is unknown: the first request of
+a type, a switch to or from wildcard, a stream further behind than the cache's change sets, a SotW
+NACK. So a change to one endpoint costs a stream subscribed to 1,000 one comparison, not 1,000.
 
 Rules both variants keep (from the xDS protocol documentation):
 
