@@ -1,0 +1,480 @@
+"""Shared by bench/propagation.py and bench/peer_sovereign.py: the workload, the processes, and how
+a change is seen arriving in one real Envoy.
+
+How "Envoy has the change" is observed, at no cost to the control plane: Envoy runs with the debug
+log of its `config` and `upstream` components, each line stamped by Envoy itself to the
+microsecond (`--log-format`, UTC). Every change gives one endpoint of one Service an address used
+by no earlier change (127.254.x.y), so the change is in Envoy when Envoy logs the creation of a host
+with that address, and is accepted (ACKed, for gRPC xDS) at the first "... config for <type> ...
+accepted" line (gRPC, delta or REST) of the endpoint or cluster type after it: Envoy sends its ACK
+right after that line. The benchmark reads the log file (a few stat() calls a second on its own
+side); how often it reads does not change the figure, which is Envoy's own time stamp minus the
+moment of the write. Nothing polls the control plane or Envoy's admin while a change is measured.
+
+The "write" is the moment the change becomes visible to the control plane: the rename that
+replaces a manifest (an atomic replace, as editors and config-map volumes do; the temporary file is
+written before the clock starts), or the Kubernetes API stand-in committing the object.
+
+These log lines are Envoy 1.40's (the `envoy` extra's pin); a wait that times out says which line
+it waited for. Everything is on loopback; every wait has a deadline; every process started is
+stopped on exit (and told to stop if the benchmark dies: Linux's PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import json
+import os
+import platform
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xds.local import envoy_binary
+
+SERVICE_PORT = 80
+TARGET_PORT = 8080
+NAMESPACES = 20
+# Bounds on the counts, so that a typo cannot ask for a million of anything.
+MAX_SERVICES = 20_000
+MAX_ENDPOINTS = 100
+MAX_CHANGES = 10_000  # markers are 127.254.<k / 256>.<k % 256>
+LOG_READ_INTERVAL_S = 0.01
+SETUP_POLL_S = 0.1  # admin polling during set-up only, never while a change is measured
+STOP_TIMEOUT_S = 10.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+ENVOY_LOG_FORMAT = "%Y-%m-%dT%H:%M:%S.%f|%n|%v"
+_ACCEPTED = re.compile(
+    r"(?:gRPC config for|Delta config for|Config update for) "
+    r"type\.googleapis\.com/envoy\.config\.(?:endpoint\.v3\.ClusterLoadAssignment|"
+    r"cluster\.v3\.Cluster)\b.*accepted"
+)
+
+
+class Deadline(Exception):
+    """A wait ran out of time: the run reports what it has."""
+
+
+class Clock:
+    """The global deadline of a run."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+
+    def left(self, cap: float | None = None) -> float:
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise Deadline("global deadline (--timeout) reached")
+        return left if cap is None else min(left, cap)
+
+
+def wait_until(condition: Callable[[], object], seconds: float, what: str) -> None:
+    """Polls `condition` every SETUP_POLL_S until it is truthy; Deadline after `seconds`."""
+    until = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > until:
+            raise Deadline(f"{what}: not within {seconds:.0f} s")
+        time.sleep(SETUP_POLL_S)
+
+
+# --- the workload ----------------------------------------------------------------------------
+
+
+def endpoint_address(service: int, endpoint: int) -> str:
+    # 127.1.0.0 upwards, never contacted: 127.254/16 is kept for the change markers.
+    return f"127.{1 + service // 256 % 200}.{service % 256}.{endpoint + 1}"
+
+
+def marker_address(change: int) -> str:
+    return f"127.254.{change // 256}.{change % 256}"
+
+
+def changed_service(change: int, services: int) -> int:
+    # Spread over the Services (7919 is prime), so successive changes touch different ones.
+    return change * 7919 % services
+
+
+@dataclass
+class Workload:
+    """S Services x E endpoints in NAMESPACES namespaces; `first[i]` is Service i's first
+    endpoint address, which a change replaces by a marker."""
+
+    services: int
+    endpoints: int
+    first: dict[int, str] = field(default_factory=dict)
+
+    def name(self, index: int) -> tuple[str, str]:
+        return f"bench-{index % NAMESPACES}", f"svc-{index}"
+
+    def addresses(self, index: int) -> list[str]:
+        addresses = [endpoint_address(index, e) for e in range(self.endpoints)]
+        addresses[0] = self.first.get(index, addresses[0])
+        return addresses
+
+    def service(self, index: int) -> dict[str, Any]:
+        namespace, name = self.name(index)
+        return {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                # A Kubernetes service-range ClusterIP: configuration text only, never dialled.
+                "clusterIP": f"10.96.{index // 256 % 256}.{index % 256}",
+                "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": TARGET_PORT}],
+            },
+        }
+
+    def endpoint_slice(self, index: int) -> dict[str, Any]:
+        namespace, name = self.name(index)
+        return {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": f"{name}-1",
+                "namespace": namespace,
+                "labels": {"kubernetes.io/service-name": name},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": TARGET_PORT}],
+            "endpoints": [
+                {"addresses": [address], "conditions": {"ready": True}}
+                for address in self.addresses(index)
+            ],
+        }
+
+    def manifest(self, index: int) -> str:
+        """Service `index` and its EndpointSlice as a YAML stream (JSON is YAML, and fast)."""
+        docs = (self.service(index), self.endpoint_slice(index))
+        return "---\n".join(json.dumps(doc) + "\n" for doc in docs)
+
+
+def write_atomically(path: Path, text: str) -> float:
+    """Writes `text` aside, then renames it over `path`; returns the time of the rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    written = time.time()
+    os.replace(tmp, path)
+    return written
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: SIGTERM when the benchmark dies, even by SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def spawn(
+    command: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            # A session of its own: Ctrl-C reaches the benchmark alone, which stops it in order.
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+
+def stop(process: subprocess.Popen[bytes] | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # its own session: its workers too
+        process.wait(STOP_TIMEOUT_S)
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def http_get(url: str, timeout: float = 2.0) -> bytes | None:
+    """The body of a 200 answer, or None (connection refused, other status)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body: bytes = response.read()
+            return body if response.status == 200 else None
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+def cpu_seconds(root: int) -> float:
+    """utime + stime of a process and all its live descendants (gunicorn workers, say)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                # The command name may hold spaces and parentheses: fields after its ")".
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        parents[pid] = int(fields[1])
+        times[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier += children
+    return sum(times.get(pid, 0.0) for pid in tree)
+
+
+def idle_cores(pids: list[int], seconds: float) -> list[float]:
+    """CPU of each process tree over `seconds` of wall time, in cores."""
+    before = [cpu_seconds(pid) for pid in pids]
+    started = time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - started
+    return [(cpu_seconds(pid) - b) / elapsed for pid, b in zip(pids, before, strict=True)]
+
+
+# --- Envoy -----------------------------------------------------------------------------------
+
+
+def envoy_version() -> str:
+    try:
+        out = subprocess.run(
+            [envoy_binary(), "--version"], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    found = re.search(r"/(\d+\.\d+\.\d+)/", out)
+    return found.group(1) if found else out.strip() or "unknown"
+
+
+def machine() -> str:
+    return (
+        f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}, "
+        f"Envoy {envoy_version()}"
+    )
+
+
+_base_ids = iter(range(os.getpid() % 10_000 * 10 + 5, 2**31))
+
+
+class LogTail:
+    """New complete lines of a growing log file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+
+    def lines(self) -> list[str]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        chunks = (self.partial + data).split(b"\n")
+        self.partial = chunks.pop()
+        return [chunk.decode(errors="replace") for chunk in chunks]
+
+    def skip(self) -> None:
+        """Forget what is logged so far."""
+        self.lines()
+
+
+def envoy_time(line: str) -> float:
+    """The time stamp Envoy wrote at the head of a line (ENVOY_LOG_FORMAT, in UTC)."""
+    stamp = datetime.datetime.strptime(line.split("|", 1)[0], "%Y-%m-%dT%H:%M:%S.%f")
+    return stamp.replace(tzinfo=datetime.UTC).timestamp()
+
+
+class EnvoyProcess:
+    """One Envoy on a bootstrap, logging what the measurement reads (see the module docstring)."""
+
+    def __init__(self, bootstrap: dict[str, Any], workdir: Path, name: str) -> None:
+        self.workdir = workdir
+        self.config_path = workdir / f"{name}.json"
+        self.config_path.write_text(json.dumps(bootstrap, indent=1))
+        self.log_path = workdir / f"{name}.log"
+        self.admin_path = workdir / f"{name}.admin"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.admin = ""
+        self.tail = LogTail(self.log_path)
+
+    def start(self, seconds: float) -> None:
+        command = [
+            envoy_binary(), "-c", str(self.config_path), "--base-id", str(next(_base_ids)),
+            "--concurrency", "1", "--disable-hot-restart",
+            "--log-level", "warn", "--component-log-level", "config:debug,upstream:debug",
+            "--log-format", ENVOY_LOG_FORMAT, "--admin-address-path", str(self.admin_path),
+        ]  # fmt: skip
+        self.process = spawn(command, self.log_path, env={**os.environ, "TZ": "UTC"})
+
+        def admin_up() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"Envoy exited:\n{log_tail(self.log_path)}")
+            if not self.admin:
+                with contextlib.suppress(OSError):
+                    address = self.admin_path.read_text().strip()
+                    if address.count(":") == 1:
+                        self.admin = f"http://{address}"
+            return bool(self.admin) and http_get(f"{self.admin}/ready") is not None
+
+        wait_until(admin_up, seconds, "Envoy admin /ready")
+
+    def stats(self, pattern: str) -> dict[str, int]:
+        body = http_get(f"{self.admin}/stats?format=json&filter={pattern}")
+        if body is None:
+            return {}
+        return {
+            s["name"]: s["value"]
+            for s in json.loads(body).get("stats", [])
+            if isinstance(s.get("value"), int)
+        }
+
+    def has_clusters(self, count: int) -> bool:
+        """Set-up only: `count` clusters active and none warming."""
+        stats = self.stats(r"^cluster_manager\.(active|warming)_clusters$")
+        return (
+            stats.get("cluster_manager.active_clusters") == count
+            and stats.get("cluster_manager.warming_clusters") == 0
+        )
+
+    def wait_change(self, marker: str, seconds: float) -> tuple[float, float]:
+        """Envoy's times of the creation of a host at `marker` and of the acceptance of the
+        response that carried it; Deadline after `seconds`."""
+        needle = f"host with address {marker}:"
+        until = time.monotonic() + seconds
+        has: float | None = None
+        while True:
+            for line in self.tail.lines():
+                if has is None and needle in line:
+                    has = envoy_time(line)
+                elif has is not None and _ACCEPTED.search(line):
+                    return has, envoy_time(line)
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"Envoy exited:\n{log_tail(self.log_path)}")
+            if time.monotonic() > until:
+                step = "a host at " + marker if has is None else "an 'accepted' line after it"
+                raise Deadline(f"Envoy did not log {step} within {seconds:.0f} s")
+            time.sleep(LOG_READ_INTERVAL_S)
+
+    def stop(self) -> None:
+        stop(self.process)
+        self.process = None
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """One variant: write -> Envoy has the change / has accepted it, per change, in seconds."""
+
+    label: str
+    has: list[float] = field(default_factory=list)
+    accepted: list[float] = field(default_factory=list)
+    setup_s: float | None = None  # start of the control plane -> Envoy holds every cluster
+    idle_plane: float | None = None  # cores
+    idle_envoy: float | None = None
+    note: str = ""
+
+
+def quantile(ordered: list[float], q: float) -> float:
+    """Nearest-rank quantile of sorted samples."""
+    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 1))))
+    return ordered[rank - 1]
+
+
+def ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:,.1f}"
+
+
+def summary(samples: list[float]) -> tuple[float | None, float | None, float | None]:
+    """p50, p99, max."""
+    if not samples:
+        return None, None, None
+    ordered = sorted(samples)
+    return quantile(ordered, 0.5), quantile(ordered, 0.99), ordered[-1]
+
+
+def measure_changes(
+    result: Result,
+    envoy: EnvoyProcess,
+    workload: Workload,
+    apply: Callable[[int], float],
+    changes: int,
+    change_timeout: float,
+    gap: tuple[float, float],
+    clock: Clock,
+    seed: int = 9,
+) -> None:
+    """Change 0 is a warm-up (not counted); then `changes` changes one at a time, each after a
+    pause of gap[0] + uniform(0, gap[1]) seconds. `apply(index)` makes the change to Service
+    `index` (already in `workload.first`) visible and returns the time it did."""
+    pauses = random.Random(seed)
+    for change in range(changes + 1):
+        index = changed_service(change, workload.services)
+        marker = marker_address(change + 1)  # 127.254.0.0 is not an address to hand out
+        workload.first[index] = marker
+        envoy.tail.skip()
+        written = apply(index)
+        has, accepted = envoy.wait_change(marker, clock.left(change_timeout))
+        if change:
+            result.has.append(has - written)
+            result.accepted.append(accepted - written)
+        time.sleep(min(gap[0] + pauses.uniform(0, gap[1]), clock.left()))
+
+
+@contextlib.contextmanager
+def running(*stops: Callable[[], None]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for stop_one in stops:
+            with contextlib.suppress(Exception):
+                stop_one()
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def xds_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "xds", *args]
+
+
+def bootstrap(node_id: str, xds_port: int, mode: str) -> dict[str, Any]:
+    """The control plane's own bootstrap for Envoy (`xds bootstrap`), admin on a free port."""
+    out = subprocess.run(
+        xds_command(
+            "bootstrap", "--node-id", node_id, "--xds-address", f"127.0.0.1:{xds_port}",
+            "--admin-port", "0", "--mode", mode,
+        ),
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    config: dict[str, Any] = json.loads(out)
+    return config
