@@ -11,7 +11,13 @@ What it measures, for each fleet size N (`--streams`), against a control plane o
 - the control plane's CPU seconds per change (utime + stime of its process in /proc, from after the
   connect phase to the last change's last ACK, divided by the changes), and its RSS after connect
   and at the end; the fleet's own CPU per change, since it shares the machine;
-- failed stream attempts: RPC errors while connecting (each is retried with a backoff).
+- failed stream attempts: RPC errors while connecting (each is retried with a backoff);
+- with `--storm S`, a connection storm once the changes are done: S more clients (workers of
+  their own) connect at once while the N stay connected, and one change is made `STORM_LEAD_S`
+  into it; printed: the time until every one of the N ACKed it (against the same figure without
+  a storm), how many of the S were configured when it was made and when the last of the N ACKed
+  it (a storm starving pushes would show the N waiting for the S), and the storm's connect-all
+  time and failed attempts.
 
 How: `xds serve` runs in a process of its own on a directory of S Services x E endpoints, one file
 per Service, so that a change is an atomic replace of one small file (one endpoint's address). W
@@ -30,6 +36,7 @@ prints figures and never fails on a timing.
 
     python bench/fleet.py                                   # N = 100, 1,000; 1,000 x 10 endpoints
     python bench/fleet.py --delta --streams 100,1000,5000 --changes 10
+    python bench/fleet.py --streams 1000 --storm 4000 --changes 5   # pushes during a storm
 """
 
 from __future__ import annotations
@@ -81,6 +88,9 @@ FLUSH_TIMEOUT_S = 5.0
 CHANGE_GAP_S = 0.05
 # After the connect phase and after the last change: late responses land in the right phase.
 SETTLE_S = 1.0
+# The storm's change is made this long after its clients are told to go: they are then connecting
+# (a storm of thousands takes seconds to configure); the report tells whether it was still going.
+STORM_LEAD_S = 1.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -345,7 +355,26 @@ class Result:
     broken: int = 0
     errors: Counter[str] = field(default_factory=Counter)  # "connect CODE" / "later CODE"
     error_examples: dict[str, str] = field(default_factory=dict)
+    storm: Storm | None = None
     note: str = ""
+
+
+@dataclass
+class Storm:
+    """A connection storm made on a configured fleet, and one change pushed during it."""
+
+    streams: int
+    connect_s: float | None = None  # None: not every storm client configured in time
+    configured: int = 0
+    failures: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    error_examples: dict[str, str] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)  # the change, ACKed by the fleet's N
+    missing: int = 0
+    change_at_s: float | None = None  # the change's write, from the storm's start
+    last_ack_s: float | None = None  # the last of the N's ACKs, from the storm's start
+    configured_before_change: int = 0  # storm clients configured when the change was made
+    configured_before_last_ack: int = 0
 
 
 def run_one(args: argparse.Namespace, streams: int, clock: Clock, result: Result) -> None:
@@ -385,7 +414,9 @@ def _run(
     xds_port, _ = start_plane(fleet, manifests, log_path, clock)
     assert fleet.plane is not None
     pid = fleet.plane.pid
-    markers = tuple((k, marker_address(k)) for k in range(1, args.changes + 1))
+    # The storm's change, if any, is number changes + 1.
+    last_marker = args.changes + (1 if args.storm else 0)
+    markers = tuple((k, marker_address(k)) for k in range(1, last_marker + 1))
     start_workers(fleet, f"127.0.0.1:{xds_port}", streams, args.workers, args.delta, markers, clock)
 
     # Connect phase: workers stop waiting at the deadline and report what they have.
@@ -420,34 +451,8 @@ def _run(
     fleet_before = cpu_total(workers_pids)
     try:
         for change in range(1, args.changes + 1):
-            service = changed_service(change, args.services)
-            text = service_manifest(service, args.endpoints, first=marker_address(change))
-            path = service_file(manifests, service)
-            # An atomic replace, as editors and config-map volumes do: written aside (a name the
-            # source ignores) and renamed; the clock starts at the rename, the change's moment.
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(text)
-            written = time.time()
-            os.replace(tmp, path)
-            acked = receive(
-                fleet,
-                "acked",
-                clock.left(args.change_timeout),
-                accept=lambda m, change=change: m[1] == change,
-            )
-            if len(acked) < len(fleet.pipes):
-                # Late: ask the others for what they have, then stop changing.
-                for i, conn in enumerate(fleet.pipes):
-                    if i not in acked:
-                        conn.send(("flush", change))
-                acked.update(
-                    receive(
-                        fleet,
-                        "acked",
-                        FLUSH_TIMEOUT_S,
-                        accept=lambda m, change=change: m[1] == change,
-                    )
-                )
+            written = make_change(args, manifests, change)
+            acked = await_acks(args, fleet, change, clock)
             result.latencies += [t - written for m in acked.values() for t in m[2]]
             missing = sum(m[3] for m in acked.values())
             result.missing += missing
@@ -485,6 +490,89 @@ def _run(
         result.resources_per = {t: n / pairs for t, n in sorted(resources.items())}
     if result.note:
         raise Deadline(result.note)
+    if args.storm:
+        result.storm = Storm(args.storm)
+        run_storm(args, f"127.0.0.1:{xds_port}", manifests, fleet, clock, result.storm)
+        if result.storm.connect_s is None or result.storm.missing:
+            result.note = "storm: not every client configured, or the change not ACKed by all"
+            raise Deadline(result.note)
+
+
+def make_change(args: argparse.Namespace, manifests: Path, change: int) -> float:
+    """Gives one endpoint the change's marker address; returns the wall-clock time it was made."""
+    service = changed_service(change, args.services)
+    text = service_manifest(service, args.endpoints, first=marker_address(change))
+    path = service_file(manifests, service)
+    # An atomic replace, as editors and config-map volumes do: written aside (a name the source
+    # ignores) and renamed; the clock starts at the rename, the change's moment.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    written = time.time()
+    os.replace(tmp, path)
+    return written
+
+
+def await_acks(
+    args: argparse.Namespace, fleet: Fleet, change: int, clock: Clock
+) -> dict[int, tuple[Any, ...]]:
+    """Every worker's ("acked", change, times, missing), or what the late ones have."""
+
+    def this_change(message: tuple[Any, ...]) -> bool:
+        return bool(message[1] == change)
+
+    acked = receive(fleet, "acked", clock.left(args.change_timeout), accept=this_change)
+    if len(acked) < len(fleet.pipes):
+        # Late: ask the others for what they have (the caller then stops).
+        for i, conn in enumerate(fleet.pipes):
+            if i not in acked:
+                conn.send(("flush", change))
+        acked.update(receive(fleet, "acked", FLUSH_TIMEOUT_S, accept=this_change))
+    return acked
+
+
+def run_storm(
+    args: argparse.Namespace,
+    target: str,
+    manifests: Path,
+    fleet: Fleet,
+    clock: Clock,
+    storm: Storm,
+) -> None:
+    """S more clients connect at once while the fleet's N stay connected; a change is made
+    during it and timed to the N's ACKs. The storm's workers are stopped before returning."""
+    crowd = Fleet()  # the storm's workers alone (the control plane stays the fleet's)
+    try:
+        # No markers: the storm's clients are not timed on changes, only on connecting.
+        start_workers(crowd, target, storm.streams, args.workers, args.delta, (), clock)
+        started = time.time()
+        connect_deadline = started + clock.left(args.connect_timeout)
+        for conn in crowd.pipes:
+            conn.send(("go", connect_deadline))
+        time.sleep(min(STORM_LEAD_S, clock.left()))
+        change = args.changes + 1
+        written = make_change(args, manifests, change)
+        acked = await_acks(args, fleet, change, clock)
+        storm.latencies = [t - written for m in acked.values() for t in m[2]]
+        storm.missing = sum(m[3] for m in acked.values())
+        storm.change_at_s = written - started
+        if storm.latencies:
+            storm.last_ack_s = written + max(storm.latencies) - started
+        connected = receive(crowd, "connected", clock.left(connect_deadline - time.time() + 10))
+        configured_at = sorted(t for m in connected.values() for t in m[1])
+        storm.configured = len(configured_at)
+        storm.failures = sum(m[2] for m in connected.values())
+        for m in connected.values():
+            storm.errors.update(m[5])
+            for key, example in m[6].items():
+                storm.error_examples.setdefault(key, example)
+        storm.configured_before_change = sum(1 for t in configured_at if t <= written)
+        if storm.last_ack_s is not None:
+            last_ack = started + storm.last_ack_s
+            storm.configured_before_last_ack = sum(1 for t in configured_at if t <= last_ack)
+        if len(connected) == len(crowd.pipes) and storm.configured == storm.streams:
+            storm.connect_s = configured_at[-1] - started
+    finally:
+        crowd.stop()
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -550,9 +638,43 @@ def details(r: Result) -> str:
     ]
     for key, count in sorted(r.errors.items()):
         lines.append(f"    RPC errors, {key}: {count:,} (e.g. {r.error_examples.get(key, '')!r})")
+    if r.storm is not None:
+        lines += storm_details(r, r.storm)
     if r.note:
         lines.append(f"    stopped: {r.note}")
     return "\n".join(lines)
+
+
+def storm_details(r: Result, s: Storm) -> list[str]:
+    def spread(samples: list[float]) -> str:
+        if not samples:
+            return "none"
+        ordered = sorted(samples)
+        return (
+            f"p50 {_ms(quantile(ordered, 0.5))} / p99 {_ms(quantile(ordered, 0.99))} / "
+            f"max {_ms(ordered[-1])} ms"
+        )
+
+    connect = (
+        f"all configured in {s.connect_s:.2f} s"
+        if s.connect_s is not None
+        else f"{s.configured:,} configured in time"
+    )
+    lines = [
+        f"  storm: {s.streams:,} more streams at once on the {r.configured:,} configured: "
+        f"{connect}; failed tries {s.failures}",
+        f"    a change made {_fmt(s.change_at_s, '.2f')} s into it, ACKed by the "
+        f"{r.configured:,}: {spread(s.latencies)}, {s.missing} missing "
+        f"(without a storm: {spread(r.latencies)})",
+        f"    storm clients configured when it was made: {s.configured_before_change:,}; "
+        f"when the last of the {r.configured:,} ACKed it "
+        f"({_fmt(s.last_ack_s, '.2f')} s into the storm): {s.configured_before_last_ack:,}",
+    ]
+    for key, count in sorted(s.errors.items()):
+        lines.append(
+            f"    storm RPC errors, {key}: {count:,} (e.g. {s.error_examples.get(key, '')!r})"
+        )
+    return lines
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -579,6 +701,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=bounded(1, MAX_WORKERS), default=4)
     parser.add_argument("--changes", type=bounded(1, MAX_CHANGES), default=20)
     parser.add_argument("--delta", action="store_true", help="incremental xDS (delta ADS)")
+    parser.add_argument(
+        "--storm",
+        type=bounded(0, MAX_STREAMS),
+        default=0,
+        help="after the changes, this many more streams connect at once and one change is timed "
+        "during it (0: no storm)",
+    )
     parser.add_argument(
         "--log-dir", type=Path, help="keep the control plane's log (WARNING and up) there"
     )
@@ -608,9 +737,11 @@ def main() -> int:
     mode = "delta ADS" if args.delta else "SotW ADS"
     print(
         f"fleet: {mode}, {args.services:,} Services x {args.endpoints} endpoints, "
-        f"{args.workers} workers, {args.changes} changes; {machine()}; open files {limit:,}"
+        f"{args.workers} workers, {args.changes} changes"
+        f"{f', then a storm of {args.storm:,} streams' if args.storm else ''}; {machine()}; "
+        f"open files {limit:,}"
     )
-    if max(args.streams) + 100 > limit:
+    if max(args.streams) + args.storm + 100 > limit:
         print(f"warning: open-file limit {limit} is below the largest N", file=sys.stderr)
     print(HEADER)
     print(UNITS)
