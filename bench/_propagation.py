@@ -5,9 +5,10 @@ How "Envoy has the change" is observed, at no cost to the control plane: Envoy r
 log of its `config` and `upstream` components, each line stamped by Envoy itself to the
 microsecond (`--log-format`, UTC). Every change gives one endpoint of one Service an address used
 by no earlier change (127.254.x.y), so the change is in Envoy when Envoy logs the creation of a host
-with that address, and is accepted (ACKed, for gRPC xDS) at the first "... config for <type> ...
-accepted" line (gRPC, delta or REST) of the endpoint or cluster type after it: Envoy sends its ACK
-right after that line. The benchmark reads the log file (a few stat() calls a second on its own
+with that address, and is accepted (ACKed, for gRPC xDS) at the first line after it that ends an
+update of the endpoint or cluster type ("gRPC config for <type> accepted", "Delta config for
+<type> accepted", or over REST "cds: added/updated N cluster(s)"): Envoy sends its ACK right after
+that line. The benchmark reads the log file (a few stat() calls a second on its own
 side); how often it reads does not change the figure, which is Envoy's own time stamp minus the
 moment of the write. Nothing polls the control plane or Envoy's admin while a change is measured.
 
@@ -52,13 +53,17 @@ MAX_ENDPOINTS = 100
 MAX_CHANGES = 10_000  # markers are 127.254.<k / 256>.<k % 256>
 LOG_READ_INTERVAL_S = 0.01
 SETUP_POLL_S = 0.1  # admin polling during set-up only, never while a change is measured
+IDLE_SETTLE_S = 2.0  # after set-up, before the idle CPU window
 STOP_TIMEOUT_S = 10.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 ENVOY_LOG_FORMAT = "%Y-%m-%dT%H:%M:%S.%f|%n|%v"
+# The end of an accepted response of the endpoint or cluster type: gRPC and delta xDS log it as
+# such; over REST, the cluster manager's summary of a CDS update is the last line it logs.
 _ACCEPTED = re.compile(
     r"(?:gRPC config for|Delta config for|Config update for) "
     r"type\.googleapis\.com/envoy\.config\.(?:endpoint\.v3\.ClusterLoadAssignment|"
     r"cluster\.v3\.Cluster)\b.*accepted"
+    r"|cds: added/updated \d+ cluster\(s\)"
 )
 
 
@@ -387,6 +392,18 @@ class EnvoyProcess:
         self.process = None
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How one variant is measured."""
+
+    endpoints: int = 10  # per Service
+    changes: int = 50  # timed, after one warm-up change
+    change_timeout: float = 30.0  # s
+    gap: float = 0.2  # pause after each change, s...
+    gap_jitter: float = 0.1  # ...plus uniform(0, this)
+    idle: float = 0.0  # s of idle CPU measured before the changes (0: none)
+
+
 # --- results ---------------------------------------------------------------------------------
 
 
@@ -426,27 +443,26 @@ def measure_changes(
     envoy: EnvoyProcess,
     workload: Workload,
     apply: Callable[[int], float],
-    changes: int,
-    change_timeout: float,
-    gap: tuple[float, float],
+    plan: Plan,
     clock: Clock,
     seed: int = 9,
 ) -> None:
-    """Change 0 is a warm-up (not counted); then `changes` changes one at a time, each after a
-    pause of gap[0] + uniform(0, gap[1]) seconds. `apply(index)` makes the change to Service
-    `index` (already in `workload.first`) visible and returns the time it did."""
+    """Change 0 is a warm-up (not counted); then `plan.changes` changes one at a time, each
+    followed by a pause of plan.gap + uniform(0, plan.gap_jitter) seconds. `apply(index)` makes
+    the change to Service `index` (already in `workload.first`) visible and returns the time it
+    did."""
     pauses = random.Random(seed)
-    for change in range(changes + 1):
+    for change in range(plan.changes + 1):
         index = changed_service(change, workload.services)
         marker = marker_address(change + 1)  # 127.254.0.0 is not an address to hand out
         workload.first[index] = marker
         envoy.tail.skip()
         written = apply(index)
-        has, accepted = envoy.wait_change(marker, clock.left(change_timeout))
+        has, accepted = envoy.wait_change(marker, clock.left(plan.change_timeout))
         if change:
             result.has.append(has - written)
             result.accepted.append(accepted - written)
-        time.sleep(min(gap[0] + pauses.uniform(0, gap[1]), clock.left()))
+        time.sleep(min(plan.gap + pauses.uniform(0, plan.gap_jitter), clock.left()))
 
 
 @contextlib.contextmanager

@@ -40,6 +40,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.kubeapi
 from _propagation import (  # noqa: E402
+    IDLE_SETTLE_S,
     MAX_CHANGES,
     MAX_ENDPOINTS,
     MAX_SERVICES,
@@ -47,6 +48,7 @@ from _propagation import (  # noqa: E402
     Clock,
     Deadline,
     EnvoyProcess,
+    Plan,
     Result,
     Workload,
     bootstrap,
@@ -154,15 +156,15 @@ class KubeAPI:
 # --- one variant -----------------------------------------------------------------------------
 
 
-def run_variant(
-    args: argparse.Namespace, source: str, services: int, mode: str, clock: Clock
-) -> Result:
+def run_variant(source: str, services: int, mode: str, plan: Plan, clock: Clock) -> Result:
+    """`xds serve` on S Services from `source`, one Envoy in `mode`: idle CPU if asked, then the
+    changes. A variant that fails or runs out of time is returned with what it has and a note."""
     result = Result(f"{source:<5} {services:>6,} {mode:<9}")
     with tempfile.TemporaryDirectory(prefix="xds-propagation-") as tmp:
         workdir = Path(tmp)
         manifests = workdir / "manifests"
         manifests.mkdir()
-        workload = Workload(services, args.endpoints)
+        workload = Workload(services, plan.endpoints)
         where: OneFile | PerFile | KubeAPI
         if source == "file":
             where = OneFile(workload, manifests)
@@ -206,16 +208,12 @@ def run_variant(
                 f"Envoy holding {services} clusters",
             )
             result.setup_s = time.monotonic() - started
-            if args.idle:
-                time.sleep(min(1.0, clock.left()))
+            if plan.idle:
+                time.sleep(min(IDLE_SETTLE_S, clock.left()))
                 result.idle_plane, result.idle_envoy = idle_cores(
-                    [plane.pid, envoy.process.pid if envoy.process else 0], args.idle
+                    [plane.pid, envoy.process.pid if envoy.process else 0], plan.idle
                 )
-            apply: Callable[[int], float] = where.apply
-            measure_changes(
-                result, envoy, workload, apply, args.changes, args.change_timeout,
-                (args.gap, args.gap_jitter), clock,
-            )  # fmt: skip
+            measure_changes(result, envoy, workload, where.apply, plan, clock)
         except (Deadline, RuntimeError) as exc:
             result.note = str(exc).splitlines()[0]
             print(f"{result.label}: {exc}", file=sys.stderr)
@@ -307,6 +305,9 @@ def main() -> int:
     args = parse_args()
     signal.signal(signal.SIGTERM, _terminate)
     clock = Clock(args.timeout)
+    plan = Plan(
+        args.endpoints, args.changes, args.change_timeout, args.gap, args.gap_jitter, args.idle
+    )
     print(f"Propagation, manifest write -> one Envoy; {args.endpoints} endpoints per Service")
     print(f"machine: {machine()}")
     print(HEADER)
@@ -316,7 +317,7 @@ def main() -> int:
         for services in args.services:
             for source in args.source:
                 try:
-                    result = run_variant(args, source, services, mode, clock)
+                    result = run_variant(source, services, mode, plan, clock)
                 except Deadline as exc:
                     print(f"stopped: {exc}")
                     return 1
