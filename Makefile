@@ -42,9 +42,12 @@ lint: install
 test: lint
 	$(BIN)/python -m pytest -q -rs
 
+# peer_sovereign.py runs sovereign, the `bench` extra: installed on first use.
 bench: install
 	$(BIN)/python bench/snapshot_build.py
-	$(BIN)/python bench/propagation.py --mode ads --mode xds --mode delta-ads --mode delta
+	$(BIN)/python bench/propagation.py --mode ads --mode delta-ads
 	$(BIN)/python bench/tracing_overhead.py
 	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/fleet.py --delta
+	$(BIN)/pip show --quiet sovereign >/dev/null 2>&1 || $(BIN)/pip install --quiet -e '.[test,envoy,bench]'
+	$(BIN)/python bench/peer_sovereign.py
