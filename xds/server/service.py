@@ -275,6 +275,12 @@ async def start_server(
             # with Envoy's node, buffered: tens of KB).
             ("grpc.server.max_pending_requests", 10_000),
             ("grpc.server.max_pending_requests_hard_limit", 10_000),
+            # A waiting call is also cancelled after 30 s by default, and a storm's last calls
+            # wait the longer the more proxies come at once: the last of 5,000 streams, each
+            # answered 1 MB by a bare grpc.aio server on 2 cores, waited 11 s, and the 5,000 of
+            # bench/fleet.py were all configured in 32 s, near that limit. A cancelled proxy
+            # retries after a backoff, at the back of the queue: waiting longer serves it better.
+            ("grpc.server_max_unrequested_time_in_server", 120),
             # One connection is one Envoy, holding one ADS stream or, without ADS, a few per
             # type: a cap per connection bounds what a runaway client can make the server hold
             # (core sets none), and Envoy's HTTP/2 pool opens another connection when a
