@@ -7,9 +7,12 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
+from google.rpc import status_pb2
 
+from xds._pb.envoy.config.core.v3 import base_pb2 as core_pb2
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.cache import CHANGES_KEPT, Cache, Changes, SnapshotLike
 from xds.resources import (
@@ -21,6 +24,7 @@ from xds.resources import (
     Resource,
     type_version,
 )
+from xds.server import sotw
 from xds.server.delta import DeltaResponse, DeltaStream
 from xds.server.index import SubscriptionIndex
 from xds.server.sotw import SHARED, Response, SotwStream
@@ -146,7 +150,10 @@ def exchange(client: Client, cache: Cache, responses: list) -> None:  # type: ig
         response = responses.pop(0)
         client.apply(response)
         request = client.request(response.type_url, response)
-        responses.extend(client.stream.on_request(request, cache.snapshot))  # type: ignore[arg-type]
+        # As the server does: from the bytes received (a SotW ACK repeating its names is then
+        # recognised without parsing them).
+        raw = request.SerializeToString()  # type: ignore[attr-defined]
+        responses.extend(client.stream.on_message(raw, cache.snapshot))
 
 
 def expected(client: Client, cache: Cache) -> dict[str, dict[str, bytes]]:
@@ -196,7 +203,8 @@ def test_two_hundred_streams_converge_to_the_exact_snapshot_through_random_chang
                 changed_type = rng.choice((ENDPOINT, ROUTE))
                 names = rng.sample(NAMES[changed_type], rng.randint(1, 25))
                 request = client.resubscribe(changed_type, names)
-                responses = client.stream.on_request(request, cache.snapshot)  # type: ignore[arg-type]
+                raw = request.SerializeToString()  # type: ignore[attr-defined]
+                responses = client.stream.on_message(raw, cache.snapshot)
                 exchange(client, cache, responses)
 
     for client in clients:
@@ -314,3 +322,41 @@ def test_complete_responses_of_one_version_are_encoded_once_for_every_stream():
         encoded.add(parsed.SerializeToString())
     assert SHARED.built == built + 1  # one encoding, 100 responses
     assert len(encoded) == 1
+
+
+def test_an_ack_repeating_its_names_is_recognised_without_parsing_them(monkeypatch):
+    names = [f"ns/svc-{i}:http" for i in range(1000)]
+    cache = Cache()
+    cache.publish(build({ENDPOINT: {name: b"1" for name in names}}))
+    stream = SotwStream()
+    subscribe = discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=names)
+    [first] = stream.on_message(subscribe.SerializeToString(), cache.snapshot)
+    parsed: list[bytes] = []
+
+    class Counting:
+        @staticmethod
+        def FromString(raw: bytes) -> discovery_pb2.DiscoveryRequest:  # noqa: N802
+            parsed.append(raw)
+            return discovery_pb2.DiscoveryRequest.FromString(raw)
+
+    monkeypatch.setattr(sotw, "discovery_pb2", SimpleNamespace(DiscoveryRequest=Counting))
+    ack = discovery_pb2.DiscoveryRequest(
+        version_info=first.version, resource_names=names, type_url=ENDPOINT,
+        response_nonce=first.nonce, node=core_pb2.Node(id="sidecar~10.0.0.1"),
+    )  # fmt: skip
+    assert stream.on_message(ack.SerializeToString(), cache.snapshot) == []
+    state = stream.types[ENDPOINT]
+    assert parsed == [] and state.acked_version == first.version and not state.awaiting_ack
+    # A request whose names differ, or a NACK, is parsed and honoured.
+    changed = discovery_pb2.DiscoveryRequest(
+        version_info=first.version, resource_names=[*names, "ns/new:http"], type_url=ENDPOINT,
+        response_nonce=first.nonce,
+    )  # fmt: skip
+    [whole] = stream.on_message(changed.SerializeToString(), cache.snapshot)
+    assert len(parsed) == 1 and len(whole.resources) == 1001
+    nack = discovery_pb2.DiscoveryRequest(
+        version_info=first.version, resource_names=[*names, "ns/new:http"], type_url=ENDPOINT,
+        response_nonce=whole.nonce, error_detail=status_pb2.Status(message="no"),
+    )  # fmt: skip
+    assert stream.on_message(nack.SerializeToString(), cache.snapshot) == []
+    assert len(parsed) == 2 and state.rejections.nack is not None

@@ -127,6 +127,9 @@ class _Plan:
 class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest, DeltaResponse]):
     """One incremental stream (delta ADS or one type)."""
 
+    def on_message(self, raw: bytes, snapshot: SnapshotLike) -> list[DeltaResponse]:
+        return self.on_request(discovery_pb2.DeltaDiscoveryRequest.FromString(raw), snapshot)
+
     def on_request(
         self, request: discovery_pb2.DeltaDiscoveryRequest, snapshot: SnapshotLike
     ) -> list[DeltaResponse]:

@@ -10,11 +10,11 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.cache import Cache, Snapshot
 from xds.resources import ADS_ORDER, CLUSTER, ENDPOINT, LISTENER, ROUTE
 from xds.server.callbacks import Callbacks
@@ -27,10 +27,6 @@ from xds.server.views import PerTypeViews, Rewrite, SnapshotView
 
 log = logging.getLogger(__name__)
 
-# A stream variant's request and response: SotwStream's or DeltaStream's. Typing the handlers with
-# them checks that each variant is fed the requests its gRPC method deserializes.
-_Request = TypeVar("_Request", discovery_pb2.DiscoveryRequest, discovery_pb2.DeltaDiscoveryRequest)
-_Response = TypeVar("_Response", Response, DeltaResponse)
 
 # (gRPC service, its state-of-the-world method, its delta method, the types it may carry)
 SERVICES: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
@@ -112,33 +108,25 @@ class DiscoveryServer:
         handlers = []
         for service, sotw, delta, types in SERVICES:
             ads = types == ADS_ORDER
-            # Built apart from the dict below: gRPC's dict[str, RpcMethodHandler[Any, Any]] would
-            # let a stream variant paired with the other variant's request type pass unchecked.
-            sotw_handler = self._handler(
-                SotwStream, discovery_pb2.DiscoveryRequest, types, None if ads else "GRPC"
-            )
-            delta_handler = self._handler(
-                DeltaStream,
-                discovery_pb2.DeltaDiscoveryRequest,
-                types,
-                None if ads else "DELTA_GRPC",
-            )
             handlers.append(
                 grpc.method_handlers_generic_handler(
-                    service, {sotw: sotw_handler, delta: delta_handler}
+                    service,
+                    {
+                        sotw: self._handler(SotwStream, types, None if ads else "GRPC"),
+                        delta: self._handler(DeltaStream, types, None if ads else "DELTA_GRPC"),
+                    },
                 )
             )
         return handlers
 
     def _handler(
         self,
-        stream_type: type[StreamBase[Any, _Request, _Response]],
-        request_type: type[_Request],
+        stream_type: type[SotwStream | DeltaStream],
         types: tuple[str, ...],
         api_type: str | None,
-    ) -> grpc.RpcMethodHandler[_Request, bytes]:
+    ) -> grpc.RpcMethodHandler[bytes, bytes]:
         async def handle(
-            _requests: object, context: grpc.aio.ServicerContext[_Request, bytes]
+            _requests: object, context: grpc.aio.ServicerContext[bytes, bytes]
         ) -> None:
             stream_id = next(self._ids)
 
@@ -148,14 +136,16 @@ class DiscoveryServer:
             stream = stream_type(peer=context.peer(), types=types, on_reply=on_reply)
             await self.serve(context, stream, api_type, stream_id)
 
+        # Requests arrive as bytes: the stream parses them, and a SotW ACK that repeats its
+        # names is recognised without parsing them (`SotwStream.on_message`).
         return grpc.stream_stream_rpc_method_handler(
-            handle, request_deserializer=request_type.FromString, response_serializer=_identity
+            handle, request_deserializer=_identity, response_serializer=_identity
         )
 
     async def serve(
         self,
-        context: grpc.aio.ServicerContext[_Request, bytes],
-        stream: StreamBase[Any, _Request, _Response],
+        context: grpc.aio.ServicerContext[bytes, bytes],
+        stream: SotwStream | DeltaStream,
         api_type: str | None = None,
         stream_id: int | None = None,
     ) -> None:
@@ -183,7 +173,7 @@ class DiscoveryServer:
         # were decided (clusters before their endpoints).
         turn = asyncio.Lock()
 
-        async def look(request: _Request | None) -> None:
+        async def look(request: bytes | None) -> None:
             nonlocal seen
             async with turn:
                 # Whatever woke the stream, it first notes what was published since it last
@@ -191,10 +181,10 @@ class DiscoveryServer:
                 changes = self.cache.changes_since(seen)
                 snapshot, seen = current()
                 stream.note(changes)
-                responses: list[_Response] = []
+                responses: list[Response | DeltaResponse] = []
                 if request is not None:
-                    responses += stream.on_request(request, snapshot)
-                    self._reindex(stream_id, stream, request.type_url)
+                    responses += stream.on_message(request, snapshot)
+                    self._reindex(stream_id, stream)
                 if request is None or changes is None:
                     # A publish concerns this stream (or what changed is no longer known).
                     responses += stream.respond(snapshot)
@@ -211,7 +201,12 @@ class DiscoveryServer:
                 request: object = await context.read()
                 if request is grpc.aio.EOF:
                     return
-                await look(cast(_Request, request))
+                try:
+                    await look(cast(bytes, request))
+                except DecodeError:
+                    await context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, "not a discovery request of this service"
+                    )
 
         async def push() -> None:
             while True:
@@ -240,11 +235,13 @@ class DiscoveryServer:
                 self._dispatcher = None
             self.callbacks.stream_closed(stream_id, stream)
 
-    def _reindex(self, stream_id: int, stream: StreamBase[Any, Any, Any], type_url: str) -> None:
-        sub = stream.subscription(type_url)
-        if sub is not None:
-            # The stream keeps the index's copy of its names: equal subscriptions share one set.
-            sub.names = self._index.subscribe(stream_id, type_url, sub.names, sub.wildcard)
+    def _reindex(self, stream_id: int, stream: StreamBase[Any, Any, Any]) -> None:
+        for type_url in stream.types:
+            sub = stream.subscription(type_url)
+            if sub is not None:
+                # The stream keeps the index's copy of its names: equal subscriptions share one
+                # set (and an unchanged subscription is recognised by identity, at no cost).
+                sub.names = self._index.subscribe(stream_id, type_url, sub.names, sub.wildcard)
 
     def subscriptions(self) -> list[str]:
         """The type URL of every (stream, type) subscription: connected clients by type."""

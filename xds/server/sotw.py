@@ -19,12 +19,13 @@ and version, so thousands of streams share one encoding of it.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TypeVar
+
+import xxhash
 
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.cache import SnapshotLike
@@ -134,15 +135,17 @@ class TypeState(TypeStateBase):
     deferred: frozenset[str] = NO_NAMES
     # Endpoint names the client holds as empty assignments (their cluster is not in the snapshot).
     empties: frozenset[str] = NO_NAMES
-    # Of the last request's names, as they came (see `_names_fingerprint`).
+    # Of the last request's names, as they came (see `_names_fingerprint`); empty: none.
     fingerprint: bytes = b""
+    # How an ACK of the last response ends: its type (field 4), then its nonce (field 5).
+    ack_tail: bytes = b""
 
     def set_subscription(self, requested: Collection[str], fingerprint: bytes, first: bool) -> bool:
         """Applies the names of a request; True when the subscription changed. Envoy repeats
         every name in every request (an ACK of 1,000 endpoints names all 1,000): a request whose
         names' fingerprint is the last one's is the same subscription, known without reading a
         name."""
-        if not first and fingerprint == self.fingerprint:
+        if not first and fingerprint and fingerprint == self.fingerprint:
             return False
         self.fingerprint = fingerprint
         sub = self.sub
@@ -177,11 +180,57 @@ class _Plan:
 class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]):
     """One state-of-the-world stream (ADS or one type): requests and snapshots in, responses out."""
 
+    def on_message(self, raw: bytes, snapshot: SnapshotLike) -> list[Response]:
+        """Responses to a serialized DiscoveryRequest. An ACK that repeats the names of the last
+        request of its type is recognised from its bytes, as Envoy lays them out, without
+        parsing a name: with 10,000 clusters that is 300 KB per ACK of every stream."""
+        key: bytes | None = None
+        split = self._split(raw)
+        if split is not None:
+            state, version, names_field = split
+            key = xxhash.xxh3_128_digest(names_field)
+            if key == state.fingerprint:
+                if state.awaiting_ack:
+                    self._record_reply(state, None, version)
+                return self._respond(snapshot, only=state.type_url)
+        return self.on_request(discovery_pb2.DiscoveryRequest.FromString(raw), snapshot, key)
+
+    def _split(self, raw: bytes) -> tuple[TypeState, str, memoryview] | None:
+        """(the type it acknowledges, its version, its names as they are serialized) of a request
+        laid out in field order (version 1, node 2, names 3, type 4, nonce 5) that ends with the
+        type and the nonce of a response in flight or last sent; None for anything else (a NACK
+        carries error_detail last), which is then parsed in full."""
+        for state in self.types.values():
+            if not state.last_nonce:
+                continue
+            tail = state.ack_tail
+            if not raw.endswith(tail):
+                continue
+            position, version = 0, ""
+            try:
+                if raw[:1] == b"\x0a":  # version_info
+                    length, position = _varint(raw, 1)
+                    version = raw[position : position + length].decode()
+                    position += length
+                if raw[position : position + 1] == b"\x12":  # node
+                    length, position = _varint(raw, position + 1)
+                    position += length
+            except (IndexError, UnicodeDecodeError):
+                return None
+            end = len(raw) - len(tail)
+            if position > end:
+                return None
+            return state, version, memoryview(raw)[position:end]
+        return None
+
     def on_request(
-        self, request: discovery_pb2.DiscoveryRequest, snapshot: SnapshotLike
+        self,
+        request: discovery_pb2.DiscoveryRequest,
+        snapshot: SnapshotLike,
+        fingerprint: bytes | None = None,
     ) -> list[Response]:
         """Responses to a request, which is consumed: the fields that vary between requests are
-        cleared from it once read."""
+        cleared from it once read. `fingerprint` is that of its names, if known."""
         if not self._accept(request):
             return []
         type_url = request.type_url
@@ -189,7 +238,8 @@ class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]
         error = request.error_detail.message if request.HasField("error_detail") else None
         version = request.version_info
         names = request.resource_names
-        fingerprint = _names_fingerprint(request)
+        if fingerprint is None:
+            fingerprint = _names_fingerprint(request)
         state = self.types.get(type_url)
         if state is None:
             state = self.types[type_url] = TypeState(type_url)
@@ -294,6 +344,9 @@ class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]
             # (routes), asking with names that may look unchanged: answer it all the same.
             dependent.owed = True
         nonce = self._send(state, version, changes)
+        state.ack_tail = encode_len_field(4, state.type_url.encode()) + encode_len_field(
+            5, nonce.encode()
+        )
         state.resources_sent += len(resources)
         return Response(state.type_url, version, nonce, resources, complete)
 
@@ -331,13 +384,26 @@ _WILDCARD_ONLY = frozenset({WILDCARD})
 
 
 def _names_fingerprint(request: discovery_pb2.DiscoveryRequest) -> bytes:
-    """A digest of the request's names, in C: the request is stripped of the fields that change
-    from one ACK to the next (read before this) and serialized. Reading 1,000 names into Python
-    strings costs ten times as much, on every ACK of every stream."""
-    for name in ("version_info", "node", "response_nonce", "error_detail"):
-        request.ClearField(name)
-    # SHA-256 is the fastest hash here (CPU instructions); the digest only has to tell apart.
-    return hashlib.sha256(request.SerializeToString()).digest()
+    """The hash of a request's names as serialized (field 3 entries, in order), as `on_message`
+    takes it from the bytes received: the request is stripped of its other fields and serialized."""
+    for field_descriptor in request.DESCRIPTOR.fields:
+        if field_descriptor.name != "resource_names":
+            request.ClearField(field_descriptor.name)
+    return xxhash.xxh3_128_digest(request.SerializeToString())
+
+
+def _varint(data: bytes, position: int) -> tuple[int, int]:
+    """A varint at `position`: its value and the position after it."""
+    value, shift = 0, 0
+    while True:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint too long")
 
 
 # In ADS order, the type whose resources a changed resource of the key type needs again.

@@ -280,6 +280,10 @@ class StreamBase(Generic[S, Q, R]):
     def on_request(self, request: Q, snapshot: SnapshotLike) -> list[R]:
         raise NotImplementedError
 
+    def on_message(self, raw: bytes, snapshot: SnapshotLike) -> list[R]:
+        """Responses to a request as received: serialized (DecodeError if it is not one)."""
+        raise NotImplementedError
+
     def note(self, changes: Changes | None) -> None:
         """Records what publishes changed (None: unknown) for the types this stream serves."""
         for type_url, state in self.types.items():
