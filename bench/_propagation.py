@@ -183,7 +183,10 @@ def _die_with_parent() -> None:
 
 
 def spawn(
-    command: list[str], log_path: Path, env: dict[str, str] | None = None
+    command: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     with open(log_path, "wb") as log:
         return subprocess.Popen(
@@ -192,6 +195,7 @@ def spawn(
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
+            cwd=cwd,
             # A session of its own: Ctrl-C reaches the benchmark alone, which stops it in order.
             start_new_session=True,
             preexec_fn=_die_with_parent,

@@ -231,7 +231,9 @@ def run_sovereign(args: argparse.Namespace, plan: Plan, clock: Clock) -> Result:
         server = None
         try:
             started = time.monotonic()
-            server = spawn([str(Path(sys.executable).with_name(SOVEREIGN))], log, env=env)
+            # In its own directory: sovereign's settings also read a `.env` file there.
+            command = [str(Path(sys.executable).with_name(SOVEREIGN))]
+            server = spawn(command, log, env=env, cwd=workdir)
 
             def ready() -> bool:
                 if server is not None and server.poll() is not None:
