@@ -63,27 +63,28 @@ class Client:
     id: int
     sent_bytes: int = 0
 
-    def on_request(self, request: object, cache: Cache) -> list[AnyResponse]:
-        responses = self.stream.on_request(request, cache.snapshot)  # type: ignore[arg-type]
+    def on_request(self, request: bytes, cache: Cache) -> list[AnyResponse]:
+        responses: list[AnyResponse] = list(self.stream.on_message(request, cache.snapshot))
         for type_url, state in self.stream.types.items():
             sub = state.sub
             sub.names = INDEX.subscribe(self.id, type_url, sub.names, sub.wildcard)
         return responses
 
-    def request(self, type_url: str, names: list[str], answer: AnyResponse | None) -> object:
+    def request(self, type_url: str, names: list[str], answer: AnyResponse | None) -> bytes:
+        """The request serialized, as the server receives it (a SotW request repeats every name,
+        laid out in field order as Envoy does)."""
         if isinstance(self.stream, SotwStream):
-            # Parsed from bytes, as the server receives it: a SotW request repeats every name.
-            data = _names_template(type_url, tuple(names))
+            version = nonce = b""
             if isinstance(answer, Response):
-                data += encode_len_field(1, answer.version.encode())
-                data += encode_len_field(5, answer.nonce.encode())
-            return discovery_pb2.DiscoveryRequest.FromString(data)
+                version = encode_len_field(1, answer.version.encode())
+                nonce = encode_len_field(5, answer.nonce.encode())
+            return version + _names_template(type_url, tuple(names)) + nonce
         delta = discovery_pb2.DeltaDiscoveryRequest(type_url=type_url)
         if answer is None:
             delta.resource_names_subscribe.extend(names)
         else:
             delta.response_nonce = answer.nonce
-        return delta
+        return delta.SerializeToString()
 
     def exchange(self, cache: Cache, responses: list[AnyResponse], names: list[str]) -> None:
         """Encodes and ACKs until the stream has nothing more to say."""
@@ -99,6 +100,7 @@ class Client:
 
 @functools.cache
 def _names_template(type_url: str, names: tuple[str, ...]) -> bytes:
+    """Fields 3 (names) and 4 (type) of a DiscoveryRequest."""
     request = discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=names)
     return request.SerializeToString()
 
