@@ -203,7 +203,7 @@ def test_one_bad_resource_among_many_is_isolated_and_the_rest_delivered():
     # What the client holds: the new a and c, and the b it had (the server knows its versions).
     held = {"a": changed.of_type(CLUSTER)["a"], "b": start.of_type(CLUSTER)["b"]}
     held["c"] = changed.of_type(CLUSTER)["c"]
-    assert state.known == {n: r.version for n, r in held.items()}
+    assert state.held_versions() == {n: r.version for n, r in held.items()}
     assert list(state.rejections.quarantine) == ["b"]
     assert all(len(s.resources) <= 1 for s in seen[1:])  # retried one at a time
     assert stream.on_snapshot(changed) == []  # nothing re-sent while nothing changes

@@ -21,6 +21,7 @@ Rules kept beyond the shared ones (see `stream`):
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
@@ -81,8 +82,14 @@ _ENTRIES_KEPT = 50_000
 
 @dataclass
 class DeltaTypeState(TypeStateBase):
-    # name -> version the client holds, as far as the server knows.
+    """What the client holds, as far as the server knows, is either `synced`, a snapshot's own
+    mapping of the type (the client holds exactly its resources: a fleet in step shares one), or
+    `known`, name -> version, kept for a client that differs from every snapshot."""
+
     known: dict[str, str] = field(default_factory=dict)
+    synced: Mapping[str, Resource] | None = None
+    # Endpoint names the client holds as empty assignments (their cluster is not in the snapshot).
+    empties: frozenset[str] = NO_NAMES
     legacy_wildcard: bool = False
     answered: bool = False
     # name -> the version the client held before the response in flight (None: none), for the
@@ -90,6 +97,27 @@ class DeltaTypeState(TypeStateBase):
     undo: dict[str, str | None] = field(default_factory=dict)
     # Clusters gone from the snapshot whose removal waits until routing has settled.
     deferred: frozenset[str] = NO_NAMES
+
+    def held(self, name: str) -> str | None:
+        """The version the client holds under a name, None if it holds none."""
+        if self.synced is not None:
+            resource = self.synced.get(name)
+            return None if resource is None else resource.version
+        return self.known.get(name)
+
+    def held_names(self) -> Iterable[str]:
+        return self.synced.keys() if self.synced is not None else self.known.keys()
+
+    def held_versions(self) -> dict[str, str]:
+        if self.synced is not None:
+            return {name: resource.version for name, resource in self.synced.items()}
+        return dict(self.known)
+
+    def _materialize(self) -> dict[str, str]:
+        """`known` holding every version, for a change that leaves the client out of step."""
+        if self.synced is not None:
+            self.known, self.synced = self.held_versions(), None
+        return self.known
 
     def apply(self, request: discovery_pb2.DeltaDiscoveryRequest, first: bool) -> None:
         subscribe = set(request.resource_names_subscribe)
@@ -109,9 +137,10 @@ class DeltaTypeState(TypeStateBase):
             self.pending |= (subscribe | unsubscribe) - {WILDCARD}
         if names != self.sub.names or wildcard != self.sub.wildcard:
             self.sub = Subscription(names, wildcard)
-        if not wildcard:
+        if not wildcard and unsubscribe:
+            known = self._materialize()
             for name in unsubscribe:
-                self.known.pop(name, None)
+                known.pop(name, None)
 
 
 @dataclass(slots=True)
@@ -119,6 +148,7 @@ class _Plan:
     changes: dict[str, Resource]  # the client lacks these versions
     removed: list[str]  # the client holds these and they are gone
     later: set[str]  # changes held back for a later response (one suspect at a time)
+    empties: frozenset[str]  # endpoint names answered with an empty assignment
 
     def __bool__(self) -> bool:
         return bool(self.changes or self.removed)
@@ -155,24 +185,24 @@ class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest
 
     def _plan(self, state: DeltaTypeState, snapshot: SnapshotLike) -> _Plan:
         wanted = state.wanted(snapshot)
-        known = state.known
+        held = state.held
         if state.pending is None:
-            look = state.everything(snapshot, known)
+            look = state.everything(snapshot, state.held_names())
         else:
             look = state.pending | state.deferred
-        changes, later = state.rejections.vet(look, wanted, known.get)
+        changes, later = state.rejections.vet(look, wanted, held)
         available = snapshot.of_type(state.type_url)
         sub = state.sub
-        removed = sorted(
-            name
-            for name in look
-            if name in known
-            and name not in available
-            and name not in changes
-            and wanted(name) is None
-            and sub.covers(name)
-        )
-        return _Plan(changes, removed, later)
+        removed = []
+        empties = set(state.empties - look) if state.empties else set()
+        for name in look:
+            want = wanted(name)
+            if want is None:
+                if held(name) is not None and name not in available and sub.covers(name):
+                    removed.append(name)
+            elif name not in available:
+                empties.add(name)  # an endpoint name without its cluster: an empty assignment
+        return _Plan(changes, sorted(removed), later, frozenset(empties))
 
     def _response_for(self, state: DeltaTypeState, snapshot: SnapshotLike) -> DeltaResponse | None:
         if state.rejections.holding():
@@ -182,17 +212,33 @@ class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest
         if removed and state.type_url == CLUSTER and self._routing_moves(snapshot):
             # Make-before-break: clusters go once the routes have moved away.
             removed, deferred = [], frozenset(removed)
-        state.pending, state.deferred = plan.later, deferred
+        state.pending, state.deferred, state.empties = plan.later, deferred, plan.empties
         if not plan.changes and not removed and state.answered:
             return None
         state.answered = True
         changed = tuple(plan.changes.values())
-        known = state.known
-        state.undo = {name: known.get(name) for name in (*plan.changes, *removed)}
-        for resource in changed:
-            known[resource.name] = resource.version
-        for name in removed:
-            del known[name]
+        state.undo = {name: state.held(name) for name in (*plan.changes, *removed)}
+        available = snapshot.of_type(state.type_url)
+        held_after = len(state.known) if state.synced is None else len(state.synced)
+        held_after += sum(1 for name, previous in state.undo.items() if previous is None)
+        held_after -= len(removed)
+        # Nothing held back and exactly the snapshot's names: the client holds the snapshot's
+        # own mapping (every name it holds is at the snapshot's version, since a change to a
+        # subscribed name is always looked at), and no per-stream copy is kept.
+        if (
+            not plan.later
+            and not deferred
+            and not plan.empties
+            and not state.rejections.quarantine
+            and held_after == len(available)
+        ):
+            state.synced, state.known = available, {}
+        else:
+            known = state._materialize()
+            for resource in changed:
+                known[resource.name] = resource.version
+            for name in removed:
+                del known[name]
         state.resources_sent += len(changed)
         nonce = self._send(
             state,
@@ -212,11 +258,12 @@ class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest
     def _rejected(self, state: DeltaTypeState) -> None:
         # The client kept what it had: its versions are restored, and what the rejected response
         # carried is looked at again.
+        known = state._materialize()
         for name, version in state.undo.items():
             if version is None:
-                state.known.pop(name, None)
+                known.pop(name, None)
             else:
-                state.known[name] = version
+                known[name] = version
             if state.pending is not None:
                 state.pending.add(name)
         state.undo = {}
