@@ -324,6 +324,24 @@ def test_complete_responses_of_one_version_are_encoded_once_for_every_stream():
     assert len(encoded) == 1
 
 
+def test_complete_delta_responses_of_one_version_are_encoded_once_for_every_stream():
+    cache = Cache()
+    cache.publish(build({CLUSTER: {f"c{i}": b"%d" % i for i in range(50)}}))
+    built = SHARED.built
+    encoded = set()
+    for _ in range(100):
+        stream = DeltaStream()
+        request = discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER)
+        [response] = stream.on_request(request, cache.snapshot)
+        parsed = discovery_pb2.DeltaDiscoveryResponse.FromString(response.encode())
+        assert [r.name for r in parsed.resources] == [f"c{i}" for i in sorted(range(50), key=str)]
+        assert parsed.nonce == response.nonce and parsed.system_version_info
+        parsed.nonce = ""
+        encoded.add(parsed.SerializeToString())
+    assert SHARED.built == built + 1
+    assert len(encoded) == 1
+
+
 def test_an_ack_repeating_its_names_is_recognised_without_parsing_them(monkeypatch):
     names = [f"ns/svc-{i}:http" for i in range(1000)]
     cache = Cache()

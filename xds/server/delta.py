@@ -30,6 +30,7 @@ from xds.resources import CLUSTER, FULL_STATE_TYPES, Resource, encode_len_field
 from xds.server.stream import (
     CONTROL_PLANE,
     NO_NAMES,
+    SHARED,
     WILDCARD,
     StreamBase,
     Subscription,
@@ -44,19 +45,37 @@ class DeltaResponse:
     nonce: str
     resources: tuple[Resource, ...]
     removed: tuple[str, ...]
+    # Carries every resource of the type of its snapshot, to a client that held none: its bytes
+    # but the nonce are those of every such response, encoded once for every stream.
+    complete: bool = False
 
     def encode(self) -> bytes:
         """DeltaDiscoveryResponse bytes, framing the shared serialized resources."""
+        if self.complete:
+            key = ("delta", self.type_url, self.system_version)
+            body = SHARED.body(key, self._body)
+        else:
+            body = self._body()
+        return b"".join(
+            (
+                body,
+                encode_len_field(5, self.nonce.encode()),
+                *(encode_len_field(6, name.encode()) for name in self.removed),
+                _CONTROL_PLANE_FIELD,
+            )
+        )
+
+    def _body(self) -> bytes:
         return b"".join(
             (
                 encode_len_field(1, self.system_version.encode()),
                 *(_entry(r) for r in self.resources),
                 encode_len_field(4, self.type_url.encode()),
-                encode_len_field(5, self.nonce.encode()),
-                *(encode_len_field(6, name.encode()) for name in self.removed),
-                encode_len_field(7, CONTROL_PLANE),  # DeltaDiscoveryResponse.control_plane
             )
         )
+
+
+_CONTROL_PLANE_FIELD = encode_len_field(7, CONTROL_PLANE)  # DeltaDiscoveryResponse.control_plane
 
 
 def _entry(resource: Resource) -> bytes:
@@ -217,9 +236,11 @@ class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest
             return None
         state.answered = True
         changed = tuple(plan.changes.values())
+        complete = False
         state.undo = {name: state.held(name) for name in (*plan.changes, *removed)}
         available = snapshot.of_type(state.type_url)
-        held_after = len(state.known) if state.synced is None else len(state.synced)
+        held_before = len(state.known) if state.synced is None else len(state.synced)
+        held_after = held_before
         held_after += sum(1 for name, previous in state.undo.items() if previous is None)
         held_after -= len(removed)
         # Nothing held back and exactly the snapshot's names: the client holds the snapshot's
@@ -233,6 +254,11 @@ class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest
             and held_after == len(available)
         ):
             state.synced, state.known = available, {}
+            if not held_before and not removed:
+                # The client held nothing and now holds the whole type: one encoding for all.
+                version = snapshot.version(state.type_url)
+                changed = SHARED.resources(state.type_url, version, available)
+                complete = True
         else:
             known = state._materialize()
             for resource in changed:
@@ -246,7 +272,12 @@ class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest
             {name: r.version for name, r in plan.changes.items()},
         )
         return DeltaResponse(
-            state.type_url, snapshot.version(state.type_url), nonce, changed, tuple(removed)
+            state.type_url,
+            snapshot.version(state.type_url),
+            nonce,
+            changed,
+            tuple(removed),
+            complete,
         )
 
     def _has_update(self, state: DeltaTypeState, snapshot: SnapshotLike) -> bool:

@@ -19,11 +19,9 @@ and version, so thousands of streams share one encoding of it.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TypeVar
 
 import xxhash
 
@@ -43,13 +41,13 @@ from xds.resources import (
 from xds.server.stream import (
     CONTROL_PLANE,
     NO_NAMES,
+    SHARED,
     WILDCARD,
     StreamBase,
     Subscription,
     TypeStateBase,
 )
 
-_T = TypeVar("_T")
 _CONTROL_PLANE_FIELD = encode_len_field(6, CONTROL_PLANE)  # DiscoveryResponse.control_plane
 
 
@@ -65,7 +63,10 @@ class Response:
 
     def encode(self) -> bytes:
         """DiscoveryResponse bytes, joined from resources serialized once for every stream."""
-        body = SHARED.body(self) if self.complete else _body(self)
+        if self.complete:
+            body = SHARED.body(("sotw", self.type_url, self.version), lambda: _body(self))
+        else:
+            body = _body(self)
         return b"".join((body, encode_len_field(5, self.nonce.encode()), _CONTROL_PLANE_FIELD))
 
 
@@ -77,45 +78,6 @@ def _body(response: Response) -> bytes:
             encode_len_field(4, response.type_url.encode()),
         )
     )
-
-
-class SharedEncodings:
-    """The latest complete responses by (type, version): their resources in order and their bytes,
-    built by the first stream that sends one and reused by the others."""
-
-    def __init__(self, size: int = 64) -> None:
-        self._size = size
-        self._resources: OrderedDict[tuple[str, str], tuple[Resource, ...]] = OrderedDict()
-        self._bodies: OrderedDict[tuple[str, str], bytes] = OrderedDict()
-        self.built = 0  # bodies encoded: a measure of the sharing
-
-    def resources(
-        self, type_url: str, version: str, selection: Mapping[str, Resource]
-    ) -> tuple[Resource, ...]:
-        key = (type_url, version)
-        found = self._resources.get(key)
-        if found is None:
-            found = self._remember(
-                self._resources, key, tuple(selection[name] for name in sorted(selection))
-            )
-        return found
-
-    def body(self, response: Response) -> bytes:
-        key = (response.type_url, response.version)
-        found = self._bodies.get(key)
-        if found is None:
-            self.built += 1
-            found = self._remember(self._bodies, key, _body(response))
-        return found
-
-    def _remember(self, memo: OrderedDict[tuple[str, str], _T], key: tuple[str, str], v: _T) -> _T:
-        memo[key] = v
-        if len(memo) > self._size:
-            memo.popitem(last=False)
-        return v
-
-
-SHARED = SharedEncodings()
 
 
 @dataclass

@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypedDict, TypeVar
@@ -424,6 +425,46 @@ def _describe(state: TypeStateBase) -> TypeStatus:
         else {"version": nack.version, "message": nack.message, "at": nack.at},
         "rejected_resources": dict(sorted(state.rejections.quarantine.items())),
     }
+
+
+class SharedEncodings:
+    """The latest complete responses, SotW and delta: their resources in order and their bytes
+    but the nonce, by (variant, type, version), built by the first stream that sends one and
+    reused by the others (a fleet connecting at once is answered with one encoding)."""
+
+    def __init__(self, size: int = 64) -> None:
+        self._size = size
+        self._resources: OrderedDict[tuple[str, str], tuple[Resource, ...]] = OrderedDict()
+        self._bodies: OrderedDict[tuple[str, str, str], bytes] = OrderedDict()
+        self.built = 0  # bodies encoded: a measure of the sharing
+
+    def resources(
+        self, type_url: str, version: str, selection: Mapping[str, Resource]
+    ) -> tuple[Resource, ...]:
+        key = (type_url, version)
+        found = self._resources.get(key)
+        if found is None:
+            found = tuple(selection[name] for name in sorted(selection))
+            self._remember(self._resources, key, found)
+        return found
+
+    def body(self, key: tuple[str, str, str], build: Callable[[], bytes]) -> bytes:
+        found = self._bodies.get(key)
+        if found is None:
+            self.built += 1
+            found = build()
+            self._remember(self._bodies, key, found)
+        return found
+
+    def _remember(self, memo: OrderedDict[_K, _V], key: _K, value: _V) -> None:
+        memo[key] = value
+        if len(memo) > self._size:
+            memo.popitem(last=False)
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+SHARED = SharedEncodings()
 
 
 def empty_assignment(name: str) -> Resource:
