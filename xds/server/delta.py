@@ -21,15 +21,14 @@ Rules kept beyond the shared ones (see `stream`):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.cache import SnapshotLike
-from xds.resources import CLUSTER, FULL_STATE_TYPES, Resource, encode_len_field
+from xds.resources import FULL_STATE_TYPES, Resource, encode_len_field
 from xds.server.stream import (
     CONTROL_PLANE,
-    NO_NAMES,
     SHARED,
     WILDCARD,
     StreamBase,
@@ -107,15 +106,11 @@ class DeltaTypeState(TypeStateBase):
 
     known: dict[str, str] = field(default_factory=dict)
     synced: Mapping[str, Resource] | None = None
-    # Endpoint names the client holds as empty assignments (their cluster is not in the snapshot).
-    empties: frozenset[str] = NO_NAMES
     legacy_wildcard: bool = False
     answered: bool = False
     # name -> the version the client held before the response in flight (None: none), for the
     # names it changes: what a NACK restores. No copy of everything the client holds is kept.
     undo: dict[str, str | None] = field(default_factory=dict)
-    # Clusters gone from the snapshot whose removal waits until routing has settled.
-    deferred: frozenset[str] = NO_NAMES
 
     def held(self, name: str) -> str | None:
         """The version the client holds under a name, None if it holds none."""
@@ -124,7 +119,7 @@ class DeltaTypeState(TypeStateBase):
             return None if resource is None else resource.version
         return self.known.get(name)
 
-    def held_names(self) -> Iterable[str]:
+    def held_names(self) -> Collection[str]:
         return self.synced.keys() if self.synced is not None else self.known.keys()
 
     def held_versions(self) -> dict[str, str]:
@@ -162,17 +157,6 @@ class DeltaTypeState(TypeStateBase):
                 known.pop(name, None)
 
 
-@dataclass(slots=True)
-class _Plan:
-    changes: dict[str, Resource]  # the client lacks these versions
-    removed: list[str]  # the client holds these and they are gone
-    later: set[str]  # changes held back for a later response (one suspect at a time)
-    empties: frozenset[str]  # endpoint names answered with an empty assignment
-
-    def __bool__(self) -> bool:
-        return bool(self.changes or self.removed)
-
-
 class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest, DeltaResponse]):
     """One incremental stream (delta ADS or one type)."""
 
@@ -200,38 +184,16 @@ class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest
         return self._respond(snapshot, only=type_url)
 
     def _due(self, state: DeltaTypeState) -> bool:
-        return not state.answered or bool(state.deferred) or super()._due(state)
+        return not state.answered or super()._due(state)
 
-    def _plan(self, state: DeltaTypeState, snapshot: SnapshotLike) -> _Plan:
-        wanted = state.wanted(snapshot)
-        held = state.held
-        if state.pending is None:
-            look = state.everything(snapshot, state.held_names())
-        else:
-            look = state.pending | state.deferred
-        changes, later = state.rejections.vet(look, wanted, held)
-        available = snapshot.of_type(state.type_url)
-        sub = state.sub
-        removed = []
-        empties = set(state.empties - look) if state.empties else set()
-        for name in look:
-            want = wanted(name)
-            if want is None:
-                if held(name) is not None and name not in available and sub.covers(name):
-                    removed.append(name)
-            elif name not in available:
-                empties.add(name)  # an endpoint name without its cluster: an empty assignment
-        return _Plan(changes, sorted(removed), later, frozenset(empties))
+    def _removable(
+        self, state: DeltaTypeState, name: str, available: Mapping[str, Resource]
+    ) -> bool:
+        # Gone from the snapshot; a name the client unsubscribed from is not "removed".
+        return name not in available and state.sub.covers(name)
 
     def _response_for(self, state: DeltaTypeState, snapshot: SnapshotLike) -> DeltaResponse | None:
-        if state.rejections.holding():
-            state.rejections.forget_replaced(state.wanted(snapshot))
-        plan = self._plan(state, snapshot)
-        removed, deferred = plan.removed, NO_NAMES
-        if removed and state.type_url == CLUSTER and self._routing_moves(snapshot):
-            # Make-before-break: clusters go once the routes have moved away.
-            removed, deferred = [], frozenset(removed)
-        state.pending, state.deferred, state.empties = plan.later, deferred, plan.empties
+        plan, removed = self._look(state, snapshot)
         if not plan.changes and not removed and state.answered:
             return None
         state.answered = True
@@ -243,16 +205,7 @@ class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest
         held_after = held_before
         held_after += sum(1 for name, previous in state.undo.items() if previous is None)
         held_after -= len(removed)
-        # Nothing held back and exactly the snapshot's names: the client holds the snapshot's
-        # own mapping (every name it holds is at the snapshot's version, since a change to a
-        # subscribed name is always looked at), and no per-stream copy is kept.
-        if (
-            not plan.later
-            and not deferred
-            and not plan.empties
-            and not state.rejections.quarantine
-            and held_after == len(available)
-        ):
+        if self._in_step(state, plan, held_after, available):
             state.synced, state.known = available, {}
             if not held_before and not removed:
                 # The client held nothing and now holds the whole type: one encoding for all.

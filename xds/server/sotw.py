@@ -40,7 +40,6 @@ from xds.resources import (
 )
 from xds.server.stream import (
     CONTROL_PLANE,
-    NO_NAMES,
     SHARED,
     WILDCARD,
     StreamBase,
@@ -93,14 +92,17 @@ class TypeState(TypeStateBase):
     digest: int | None = None
     # A response is owed even if the resources did not change (a new subscription).
     owed: bool = False
-    # Clusters gone from the snapshot but kept in responses until routing has settled.
-    deferred: frozenset[str] = NO_NAMES
-    # Endpoint names the client holds as empty assignments (their cluster is not in the snapshot).
-    empties: frozenset[str] = NO_NAMES
     # Of the last request's names, as they came (see `_names_fingerprint`); empty: none.
     fingerprint: bytes = b""
     # How an ACK of the last response ends: its type (field 4), then its nonce (field 5).
     ack_tail: bytes = b""
+
+    def held(self, name: str) -> str | None:
+        resource = self.sent.get(name)
+        return None if resource is None else resource.version
+
+    def held_names(self) -> Collection[str]:
+        return self.sent.keys()
 
     def set_subscription(self, requested: Collection[str], fingerprint: bytes, first: bool) -> bool:
         """Applies the names of a request; True when the subscription changed. Envoy repeats
@@ -124,19 +126,6 @@ class TypeState(TypeStateBase):
             self.pending |= explicit ^ sub.names  # names added are sent, names dropped forgotten
         self.sub = Subscription(explicit, wildcard)
         return True
-
-
-@dataclass(slots=True)
-class _Plan:
-    """What a look at one type found, before anything is committed."""
-
-    changes: dict[str, Resource]  # to send: the client lacks these versions
-    removed: list[str]  # names the client holds and should not
-    later: set[str]  # changes held back for a later response (one suspect at a time)
-    empties: frozenset[str]  # endpoint names answered with an empty assignment
-
-    def __bool__(self) -> bool:
-        return bool(self.changes or self.removed)
 
 
 class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]):
@@ -219,56 +208,17 @@ class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]
         return self._respond(snapshot, only=type_url)
 
     def _due(self, state: TypeState) -> bool:
-        return state.owed or bool(state.deferred) or super()._due(state)
-
-    def _plan(self, state: TypeState, snapshot: SnapshotLike) -> _Plan:
-        wanted = state.wanted(snapshot)
-        sent = state.sent
-        pending = state.pending
-        look = state.everything(snapshot, sent) if pending is None else pending | state.deferred
-
-        def held(name: str) -> str | None:
-            resource = sent.get(name)
-            return None if resource is None else resource.version
-
-        changes, later = state.rejections.vet(look, wanted, held)
-        removed = []
-        available = snapshot.of_type(state.type_url)
-        empties = set(state.empties - look) if state.empties else set()
-        for name in look:
-            want = wanted(name)
-            if want is None:
-                if name in sent and name not in later:
-                    removed.append(name)
-            elif name not in available:
-                empties.add(name)  # an endpoint name without its cluster: an empty assignment
-        return _Plan(changes, sorted(removed), later, frozenset(empties))
+        return state.owed or super()._due(state)
 
     def _response_for(self, state: TypeState, snapshot: SnapshotLike) -> Response | None:
-        if state.rejections.holding():
-            state.rejections.forget_replaced(state.wanted(snapshot))
-        plan = self._plan(state, snapshot)
-        removed, deferred = plan.removed, NO_NAMES
-        if removed and state.type_url == CLUSTER and self._routing_moves(snapshot):
-            removed, deferred = [], frozenset(removed)
+        plan, removed = self._look(state, snapshot)
         if not plan.changes and not removed and not state.owed:
-            state.pending, state.deferred, state.empties = plan.later, deferred, plan.empties
             return None
 
         available = snapshot.of_type(state.type_url)
         held = state.sent
         added = sum(1 for name in plan.changes if name not in held)
-        # Nothing held back and exactly the snapshot's names: every name is at the snapshot's
-        # version (a change to a subscribed name is always looked at), so the client holds the
-        # snapshot's own mapping, and its version; nothing is copied.
-        whole = (
-            not plan.later
-            and not deferred
-            and not plan.empties
-            and not state.rejections.quarantine
-            and len(held) - len(removed) + added == len(available)
-        )
-        if whole:
+        if self._in_step(state, plan, len(held) - len(removed) + added, available):
             sent: Mapping[str, Resource] = available
             version = snapshot.version(state.type_url)
             digest = None
@@ -298,7 +248,6 @@ class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]
             resources = tuple(plan.changes.values())  # sorted by name
         state.owed = False
         state.sent, state.digest = sent, digest
-        state.pending, state.deferred, state.empties = plan.later, deferred, plan.empties
         changes = {name: r.version for name, r in plan.changes.items()}
         dependent = self.types.get(_DEPENDENT.get(state.type_url, ""))
         if changes and dependent is not None:

@@ -32,7 +32,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypedDict, TypeVar
 
@@ -210,6 +210,10 @@ class TypeStateBase:
     resources_sent: int = 0
     # Subscribed names changed since this type was last looked at; None: look at everything.
     pending: set[str] | None = None
+    # Clusters gone from the snapshot whose removal waits until routing has settled.
+    deferred: frozenset[str] = NO_NAMES
+    # Endpoint names the client holds as empty assignments (their cluster is not in the snapshot).
+    empties: frozenset[str] = NO_NAMES
 
     @property
     def awaiting_ack(self) -> bool:
@@ -224,6 +228,13 @@ class TypeStateBase:
 
     def look_at_everything(self) -> None:
         self.pending = None
+
+    def held(self, name: str) -> str | None:
+        """The version the client holds (or will, once the response in flight is ACKed)."""
+        raise NotImplementedError
+
+    def held_names(self) -> Collection[str]:
+        raise NotImplementedError
 
     def wanted(self, snapshot: SnapshotLike) -> Callable[[str], Resource | None]:
         """The resource the client should hold under a name, or None if it should hold none.
@@ -254,6 +265,19 @@ class TypeStateBase:
             names.update(snapshot.of_type(self.type_url))
         names.discard(WILDCARD)
         return names
+
+
+@dataclass(slots=True)
+class Plan:
+    """What a look at one type found, before anything is committed."""
+
+    changes: dict[str, Resource]  # to send (sorted by name): the client lacks these versions
+    removed: list[str]  # sorted names the client holds and should not
+    later: set[str]  # changes held back for a later response (one suspect at a time)
+    empties: frozenset[str]  # endpoint names answered with an empty assignment
+
+    def __bool__(self) -> bool:
+        return bool(self.changes or self.removed)
 
 
 S = TypeVar("S", bound=TypeStateBase)
@@ -360,7 +384,7 @@ class StreamBase(Generic[S, Q, R]):
 
     def _due(self, state: S) -> bool:
         """Whether a look at this type may find something to send."""
-        return state.pending is None or bool(state.pending)
+        return state.pending is None or bool(state.pending) or bool(state.deferred)
 
     def _respond(self, snapshot: SnapshotLike, only: str | None = None) -> list[R]:
         out: list[R] = []
@@ -386,6 +410,60 @@ class StreamBase(Generic[S, Q, R]):
             s.awaiting_ack or self._has_update(s, snapshot)
             for t, s in self.types.items()
             if t in (LISTENER, ROUTE)
+        )
+
+    def _plan(self, state: S, snapshot: SnapshotLike) -> Plan:
+        """Looks at the names noted since the last look (or at everything, when that is unknown)
+        and finds what the client lacks, what it holds and should not, and what must wait."""
+        wanted = state.wanted(snapshot)
+        held = state.held
+        pending = state.pending
+        if pending is None:
+            look = state.everything(snapshot, state.held_names())
+        else:
+            look = pending | state.deferred
+        changes, later = state.rejections.vet(look, wanted, held)
+        available = snapshot.of_type(state.type_url)
+        removed = []
+        empties = set(state.empties - look) if state.empties else set()
+        for name in look:
+            want = wanted(name)
+            if want is None:
+                if held(name) is not None and self._removable(state, name, available):
+                    removed.append(name)
+            elif name not in available:
+                empties.add(name)  # an endpoint name without its cluster: an empty assignment
+        return Plan(changes, sorted(removed), later, frozenset(empties))
+
+    def _removable(self, state: S, name: str, available: Mapping[str, Resource]) -> bool:
+        """Whether a name the client holds and should not is removed by the next response."""
+        return True
+
+    def _look(self, state: S, snapshot: SnapshotLike) -> tuple[Plan, list[str]]:
+        """A look at one type, and the removals it may send now (make-before-break: clusters
+        stay until the listeners and routes that may use them have settled). Records what is
+        left for later looks."""
+        if state.rejections.holding():
+            state.rejections.forget_replaced(state.wanted(snapshot))
+        plan = self._plan(state, snapshot)
+        removed, state.deferred = plan.removed, NO_NAMES
+        if removed and state.type_url == CLUSTER and self._routing_moves(snapshot):
+            removed, state.deferred = [], frozenset(removed)
+        state.pending, state.empties = plan.later, plan.empties
+        return plan, removed
+
+    @staticmethod
+    def _in_step(state: S, plan: Plan, count_after: int, available: Mapping[str, Resource]) -> bool:
+        """Whether, after this response, the client holds exactly the snapshot's resources of the
+        type: nothing held back and the snapshot's number of names. Every name it holds is then at
+        the snapshot's version, since a change to a subscribed name is always looked at, so the
+        snapshot's own mapping can stand for what it holds (no per-stream copy)."""
+        return (
+            not plan.later
+            and not state.deferred
+            and not plan.empties
+            and not state.rejections.quarantine
+            and count_after == len(available)
         )
 
     def _response_for(self, state: S, snapshot: SnapshotLike) -> R | None:
