@@ -2,11 +2,14 @@
 
 Sources (manifest files, the Kubernetes API) build these plain frozen dataclasses; translation
 reads them and never anything else. Being frozen and made of tuples, every value compares by
-content, which is what lets translation skip a Service whose inputs did not change.
+content, which is what lets translation skip a Service whose inputs did not change. A `Mesh` is
+derived from the one before it with the entries a change touched, and says which keys those were,
+so that a change costs what it changed from the source to the snapshot.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -106,28 +109,156 @@ class ServiceEntry:
     groups: tuple[EndpointGroup, ...] = ()
 
 
-def _frozen(mapping: Mapping[ServiceKey, ServiceEntry]) -> Mapping[ServiceKey, ServiceEntry]:
-    return MappingProxyType(dict(mapping))
+# A derived mesh keeps its changes on top of the table it shares with its parent; past this many
+# they are folded into a table of its own, so a lookup stays two probes and a derivation costs at
+# most this many copies (the fold, once per this many changes, copies the table in C).
+FOLD_AT = 1024
+
+_generations = itertools.count(1)
 
 
-@dataclass(frozen=True)
 class Mesh:
-    """An immutable snapshot of every Service the control plane serves."""
+    """An immutable snapshot of every Service the control plane serves.
 
-    entries: Mapping[ServiceKey, ServiceEntry] = field(default_factory=dict)
-    keys: tuple[ServiceKey, ...] = field(init=False, repr=False, compare=False)
+    Built whole (`Mesh(entries)`) or derived from another mesh with the entries that changed
+    (`mesh.derive(changes)`), which costs what changed: nothing is copied or sorted per Service.
+    A derived mesh says what differs from its parent: `changed` (keys added, changed or removed)
+    and `parent` (the parent's `generation`), so that a reader that has seen the parent may look
+    at those keys only, and any other reader compares everything.
+    """
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "entries", _frozen(self.entries))
-        object.__setattr__(self, "keys", tuple(sorted(self.entries)))
+    __slots__ = ("_base", "_overlay", "_size", "_keys", "generation", "parent", "changed")
+
+    def __init__(self, entries: Mapping[ServiceKey, ServiceEntry] | None = None) -> None:
+        self._base: dict[ServiceKey, ServiceEntry] = dict(entries or {})
+        # Changes on top of `_base` (None: removed from it); never changed once built.
+        self._overlay: dict[ServiceKey, ServiceEntry | None] = {}
+        self._size = len(self._base)
+        self._keys: tuple[ServiceKey, ...] | None = None
+        self.generation = next(_generations)
+        self.parent: int | None = None
+        self.changed: frozenset[ServiceKey] = frozenset(self._base)
+
+    def derive(self, changes: Mapping[ServiceKey, ServiceEntry | None]) -> Mesh:
+        """This mesh with `changes` applied (an entry, or None to remove the key). Keys whose
+        entry is already as given are no change; with no change at all, this mesh is returned."""
+        overlay: dict[ServiceKey, ServiceEntry | None] | None = None
+        size = self._size
+        changed: list[ServiceKey] = []
+        for key, entry in changes.items():
+            before = self.get(key)
+            if before is entry or (before is not None and entry is not None and before == entry):
+                continue
+            if overlay is None:
+                overlay = dict(self._overlay)
+            changed.append(key)
+            size += (entry is not None) - (before is not None)
+            if entry is None and key not in self._base:
+                overlay.pop(key, None)
+            else:
+                overlay[key] = entry
+        if overlay is None:
+            return self
+        derived = Mesh.__new__(Mesh)
+        derived._base = self._base
+        derived._overlay = overlay
+        if len(overlay) > FOLD_AT:
+            derived._fold()
+        derived._size = size
+        derived._keys = None
+        derived.generation = next(_generations)
+        derived.parent = self.generation
+        derived.changed = frozenset(changed)
+        return derived
+
+    def _fold(self) -> None:
+        base = self._base.copy()
+        for key, entry in self._overlay.items():
+            if entry is None:
+                del base[key]
+            else:
+                base[key] = entry
+        self._base, self._overlay = base, {}
+
+    def get(self, key: ServiceKey) -> ServiceEntry | None:
+        overlay = self._overlay
+        if key in overlay:
+            return overlay[key]
+        return self._base.get(key)
+
+    @property
+    def entries(self) -> Mapping[ServiceKey, ServiceEntry]:
+        """Every entry by key (read-only)."""
+        if not self._overlay:
+            return MappingProxyType(self._base)
+        return _Entries(self)
+
+    @property
+    def keys(self) -> tuple[ServiceKey, ...]:
+        """Every key, sorted: computed on first use (a full walk needs it, a change does not)."""
+        keys = self._keys
+        if keys is None:
+            keys = self._keys = tuple(sorted(self._present()))
+        return keys
+
+    def _present(self) -> Iterator[ServiceKey]:
+        overlay = self._overlay
+        yield from (key for key in self._base if key not in overlay)
+        yield from (key for key, entry in overlay.items() if entry is not None)
 
     def __iter__(self) -> Iterator[ServiceEntry]:
         """Entries in key order, so everything built from a mesh is deterministic."""
-        entries = self.entries
-        return (entries[key] for key in self.keys)
+        get = self.get
+        for key in self.keys:
+            entry = get(key)
+            assert entry is not None
+            yield entry
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return self._size
+
+    def __contains__(self, key: object) -> bool:
+        return self._has(key)
+
+    def _has(self, key: object) -> bool:
+        overlay = self._overlay
+        if key in overlay:
+            return overlay[key] is not None
+        return key in self._base
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mesh):
+            return NotImplemented
+        return len(self) == len(other) and dict(self.entries) == dict(other.entries)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Mesh({len(self)} services, generation {self.generation})"
+
+
+class _Entries(Mapping[ServiceKey, ServiceEntry]):
+    """A derived mesh's entries, read through its changes onto the table it shares."""
+
+    __slots__ = ("_mesh",)
+
+    def __init__(self, mesh: Mesh) -> None:
+        self._mesh = mesh
+
+    def __getitem__(self, key: ServiceKey) -> ServiceEntry:
+        entry = self._mesh.get(key)
+        if entry is None:
+            raise KeyError(key)
+        return entry
+
+    def __contains__(self, key: object) -> bool:
+        return self._mesh._has(key)
+
+    def __iter__(self) -> Iterator[ServiceKey]:
+        return self._mesh._present()
+
+    def __len__(self) -> int:
+        return len(self._mesh)
 
 
 @dataclass(frozen=True, slots=True)

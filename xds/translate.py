@@ -46,12 +46,15 @@ serialized bytes.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
+import itertools
 import json
 import re
 from collections import defaultdict
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, NamedTuple, TypeVar
 
 from google.protobuf import any_pb2, duration_pb2, json_format, wrappers_pb2
@@ -216,13 +219,22 @@ class ServiceOutput:
 
 @dataclass(frozen=True)
 class Translation:
-    """The resources of one snapshot, by type URL then name, and what translation complained of."""
+    """The resources of one snapshot, by type URL then name, and what translation complained of.
+
+    `resource_changes` names, by type, the resources that differ from those of the translation
+    numbered `base` (the same translator's previous one); `base` is None for a first translation,
+    whose changes are everything. A consumer that holds translation `base` may apply these changes
+    and nothing else.
+    """
 
     resources: Mapping[str, Mapping[str, Resource]]
     problems: tuple[Problem, ...] = ()
     # Services translated afresh in this run (the rest were reused): a measure of incremental work.
     translated: int = 0
     changed: tuple[ServiceKey, ...] = ()
+    serial: int = 0
+    base: int | None = None
+    resource_changes: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
 
 class _Claims(NamedTuple):
@@ -232,115 +244,382 @@ class _Claims(NamedTuple):
     cluster_ip: bool
 
 
-def _claims(mesh: Mesh) -> tuple[dict[ServiceKey, _Claims], list[Problem]]:
-    by_name: dict[str, list[ServiceKey]] = defaultdict(list)
-    by_ip: dict[str, list[ServiceKey]] = defaultdict(list)
-    for entry in mesh:
-        service = entry.service
-        by_name[service.name].append(service.key)
-        if service.cluster_ip and not service.headless:
-            by_ip[service.cluster_ip].append(service.key)
-    problems: list[Problem] = []
-    short_owner: set[ServiceKey] = set()
-    for keys in by_name.values():
-        if len(keys) == 1:
-            short_owner.add(keys[0])
-        else:
-            short_owner.update(k for k in keys if k.namespace == "default")
-    ip_owner: set[ServiceKey] = set()
-    for ip, keys in by_ip.items():
-        ip_owner.add(keys[0])  # the mesh iterates in key order, so the first is deterministic
-        for other in keys[1:]:
-            problems.append(
-                error(
-                    f"Service {other}",
-                    "spec.clusterIP",
-                    f"{ip} is already the ClusterIP of Service {keys[0]}; "
-                    "this Service is reachable by name only",
-                )
+def _claims_of(
+    key: ServiceKey, same_name: list[ServiceKey], same_ip: list[ServiceKey] | None
+) -> _Claims:
+    """A Service's claims, from the Services of its name and of its ClusterIP (each sorted): the
+    short name goes to a Service alone with its name, else to the one in `default`; a ClusterIP to
+    the first Service (by namespace/name) that claims it."""
+    short = len(same_name) == 1 or key.namespace == "default"
+    return _Claims(short, same_ip is not None and same_ip[0] == key)
+
+
+def _ip_problems(ip: str, keys: list[ServiceKey]) -> tuple[Problem, ...]:
+    return tuple(
+        error(
+            f"Service {other}",
+            "spec.clusterIP",
+            f"{ip} is already the ClusterIP of Service {keys[0]}; "
+            "this Service is reachable by name only",
+        )
+        for other in keys[1:]
+    )
+
+
+def _cluster_ip(entry: ServiceEntry | None) -> str | None:
+    """The ClusterIP a Service claims (None for none, or headless)."""
+    if entry is None or entry.service.headless:
+        return None
+    return entry.service.cluster_ip or None
+
+
+def _update_sorted(
+    keys: list[ServiceKey], added: set[ServiceKey], removed: set[ServiceKey]
+) -> list[ServiceKey]:
+    """`keys` (sorted) with `added` and without `removed`: in place for a few, sorted afresh for
+    many (a first translation adds thousands to one port)."""
+    if len(added) + len(removed) > 32:
+        present = set(keys)
+        present.difference_update(removed)
+        present.update(added)
+        return sorted(present)
+    for key in removed:
+        index = bisect.bisect_left(keys, key)
+        if index < len(keys) and keys[index] == key:
+            del keys[index]
+    for key in added:
+        index = bisect.bisect_left(keys, key)
+        if index == len(keys) or keys[index] != key:
+            keys.insert(index, key)
+    return keys
+
+
+class _Group:
+    """Keys grouped by a value (a Service name, a ClusterIP), each group kept sorted; the changes
+    of one run are gathered first and applied together."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, list[ServiceKey]] = {}
+        self._added: dict[str, set[ServiceKey]] = defaultdict(set)
+        self._removed: dict[str, set[ServiceKey]] = defaultdict(set)
+
+    def move(self, key: ServiceKey, old: str | None, new: str | None) -> None:
+        if old == new:
+            return
+        if old is not None:
+            self._removed[old].add(key)
+            self._added[old].discard(key)
+        if new is not None:
+            self._added[new].add(key)
+            self._removed[new].discard(key)
+
+    def apply(self) -> set[str]:
+        """Apply the gathered changes; return the values whose groups changed."""
+        touched = self._added.keys() | self._removed.keys()
+        for value in touched:
+            keys = _update_sorted(
+                self.groups.get(value, []),
+                self._added.get(value, set()),
+                self._removed.get(value, set()),
             )
-    claims = {key: _Claims(key in short_owner, key in ip_owner) for key in mesh.keys}
-    return claims, problems
+            if keys:
+                self.groups[value] = keys
+            else:
+                self.groups.pop(value, None)
+        self._added.clear()
+        self._removed.clear()
+        return touched
+
+
+class _Run:
+    """The changes of one translation run: per type, the names set or removed, written into
+    copies of the previous run's dicts (copied on first write, so a Translation handed out is
+    never changed)."""
+
+    def __init__(self, resources: dict[str, dict[str, Resource]]) -> None:
+        self._previous = resources
+        self.resources = dict(resources)
+        self.changed: dict[str, set[str]] = {}
+
+    def _writable(self, type_url: str) -> dict[str, Resource]:
+        items = self.resources[type_url]
+        if items is self._previous[type_url]:
+            items = self.resources[type_url] = items.copy()
+        return items
+
+    def put(self, resource: Resource) -> None:
+        held = self.resources[resource.type_url].get(resource.name)
+        if held is not None and held.version == resource.version:
+            return
+        self._writable(resource.type_url)[resource.name] = resource
+        self.changed.setdefault(resource.type_url, set()).add(resource.name)
+
+    def remove(self, type_url: str, name: str) -> None:
+        if name not in self.resources[type_url]:
+            return
+        del self._writable(type_url)[name]
+        self.changed.setdefault(type_url, set()).add(name)
+
+
+def _by_port(pairs: Iterable[tuple[int, T]]) -> dict[int, tuple[T, ...]]:
+    out: dict[int, list[T]] = {}
+    for port, value in pairs:
+        out.setdefault(port, []).append(value)
+    return {port: tuple(values) for port, values in out.items()}
 
 
 class Translator:
-    """Translates meshes into resources, remembering per-Service output between runs."""
+    """Translates meshes into resources, remembering per-Service output between runs.
+
+    A run looks at the Services that changed only: those the mesh says changed since the mesh this
+    translator translated last (any other mesh is compared entry by entry), and those whose claims
+    (short name, ClusterIP) a change moved. Listeners and route configurations are rebuilt for the
+    ports whose claims or virtual hosts changed; the rest is kept, and so are the versions of what
+    did not change. A first run is a run in which everything changed.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._memo: dict[ServiceKey, tuple[ServiceEntry, _Claims, ServiceOutput]] = {}
+        self._mesh_generation: int | None = None
+        self._serial = 0
+        self._names = _Group()
+        self._ips = _Group()
+        self._ip_of: dict[ServiceKey, str] = {}
+        self._ip_problems: dict[str, tuple[Problem, ...]] = {}
+        self._service_problems: dict[ServiceKey, tuple[Problem, ...]] = {}
+        # Per port number: the Services with a claim on it (sorted), their claims and their
+        # virtual hosts (already framed as RouteConfiguration field 2).
+        self._port_keys: dict[int, list[ServiceKey]] = {}
+        self._port_claims: dict[int, dict[ServiceKey, tuple[PortClaim, ...]]] = {}
+        self._port_hosts: dict[int, dict[ServiceKey, bytes]] = {}
         # Per port number: the claims a listener was built from, the listener and its problems.
         self._listeners: dict[
             int, tuple[tuple[PortClaim, ...], Resource | None, tuple[Problem, ...]]
         ] = {}
+        self._resources: dict[str, dict[str, Resource]] = {
+            CLUSTER: {},
+            ENDPOINT: {},
+            LISTENER: {},
+            ROUTE: {},
+        }
+        self._problems: tuple[Problem, ...] = ()
 
     def translate(self, mesh: Mesh) -> Translation:
-        claims, problems = _claims(mesh)
-        memo: dict[ServiceKey, tuple[ServiceEntry, _Claims, ServiceOutput]] = {}
-        changed: list[ServiceKey] = []
-        for entry in mesh:
-            key = entry.service.key
+        if mesh.generation == self._mesh_generation:
+            dirty: set[ServiceKey] = set()
+        elif mesh.parent is not None and mesh.parent == self._mesh_generation:
+            dirty = set(mesh.changed)
+        else:
+            dirty = self._compare(mesh)
+        self._mesh_generation = mesh.generation
+        base = self._serial or None
+        self._serial += 1
+        run = _Run(self._resources)
+
+        # Who may use which ambiguous domain: the groups of the changed Services' names and IPs.
+        for key in dirty:
+            entry = mesh.get(key)
+            held = key in self._memo
+            if held != (entry is not None):
+                self._names.move(key, key.name if held else None, None if held else key.name)
+            ip = _cluster_ip(entry)
+            self._ips.move(key, self._ip_of.get(key), ip)
+            if ip is None:
+                self._ip_of.pop(key, None)
+            else:
+                self._ip_of[key] = ip
+        names = self._names.apply()
+        ips = self._ips.apply()
+        problems_changed = False
+        for ip in ips:
+            keys = self._ips.groups.get(ip, [])
+            found = _ip_problems(ip, keys) if len(keys) > 1 else ()
+            if found != self._ip_problems.get(ip, ()):
+                problems_changed = True
+                if found:
+                    self._ip_problems[ip] = found
+                else:
+                    self._ip_problems.pop(ip, None)
+        look = set(dirty)
+        for name in names:
+            look.update(self._names.groups.get(name, ()))
+        for ip in ips:
+            look.update(self._ips.groups.get(ip, ()))
+
+        # Translate the Services whose entry or claims changed; collect what their output moved.
+        translated: list[ServiceKey] = []
+        listener_ports: set[int] = set()
+        route_ports: set[int] = set()
+        for key in sorted(look):
+            entry = mesh.get(key)
             previous = self._memo.get(key)
-            if (
-                previous is not None
-                and (previous[0] is entry or previous[0] == entry)
-                and previous[1] == claims[key]
-            ):
-                memo[key] = previous
-                continue
-            memo[key] = (entry, claims[key], self._translate_service(entry, claims[key]))
-            changed.append(key)
-        self._memo = memo
-
-        clusters: dict[str, Resource] = {}
-        assignments: dict[str, Resource] = {}
-        virtual_hosts: dict[int, list[bytes]] = defaultdict(list)
-        port_claims: dict[int, list[PortClaim]] = defaultdict(list)
-        for key in mesh.keys:
-            output = memo[key][2]
-            problems.extend(output.problems)
-            clusters.update((r.name, r) for r in output.clusters)
-            assignments.update((r.name, r) for r in output.assignments)
-            for port, vhost in output.virtual_hosts:
-                virtual_hosts[port].append(vhost)
-            for claim in output.claims:
-                port_claims[claim.port].append(claim)
-
-        listeners: dict[str, Resource] = {}
-        built: dict[int, tuple[tuple[PortClaim, ...], Resource | None, tuple[Problem, ...]]] = {}
-        for port in sorted(port_claims):
-            port_claim_tuple = tuple(port_claims[port])
-            cached = self._listeners.get(port)
-            if cached is None or cached[0] != port_claim_tuple:
-                cached = (port_claim_tuple, *self._port_listener(port, port_claim_tuple))
-            built[port] = cached
-            _, listener, listener_problems = cached
-            problems.extend(listener_problems)
-            if listener is not None:
-                listeners[listener.name] = listener
-        self._listeners = built
-
-        routes: dict[str, Resource] = {}
-        for port in sorted(virtual_hosts):
-            if listener_name(port) not in listeners:
-                continue
-            name = route_name(port)
-            # RouteConfiguration: name is field 1, virtual_hosts field 2 (repeated).
-            body = encode_len_field(1, name.encode()) + b"".join(
-                encode_len_field(2, vhost) for vhost in virtual_hosts[port]
+            if entry is None:
+                if previous is None:
+                    continue
+                del self._memo[key]
+                output = ServiceOutput()
+            else:
+                same_ip = self._ips.groups.get(self._ip_of.get(key, ""))
+                claims = _claims_of(key, self._names.groups[key.name], same_ip)
+                if (
+                    previous is not None
+                    and (previous[0] is entry or previous[0] == entry)
+                    and previous[1] == claims
+                ):
+                    continue
+                output = self._translate_service(entry, claims)
+                self._memo[key] = (entry, claims, output)
+                translated.append(key)
+            before = previous[2] if previous is not None else ServiceOutput()
+            problems_changed |= self._apply_output(
+                key, before, output, run, listener_ports, route_ports
             )
-            routes[name] = Resource.from_bytes(ROUTE, name, body)
+
+        for port in sorted(listener_ports):
+            problems_changed |= self._rebuild_listener(port, run)
+            route_ports.add(port)
+        for port in sorted(route_ports):
+            self._rebuild_route(port, run)
+
+        if problems_changed:
+            self._problems = self._collect_problems()
+        self._resources = run.resources
         return Translation(
-            resources={
-                CLUSTER: clusters,
-                ENDPOINT: assignments,
-                LISTENER: listeners,
-                ROUTE: routes,
-            },
-            problems=tuple(problems),
-            translated=len(changed),
-            changed=tuple(changed),
+            resources={url: MappingProxyType(items) for url, items in run.resources.items()},
+            problems=self._problems,
+            translated=len(translated),
+            changed=tuple(translated),
+            serial=self._serial,
+            base=base,
+            resource_changes={url: frozenset(names) for url, names in run.changed.items()},
         )
+
+    def _compare(self, mesh: Mesh) -> set[ServiceKey]:
+        """The keys whose entry differs from the one last translated: a mesh of unknown parentage
+        is compared whole."""
+        memo = self._memo
+        dirty = {key for key in memo if key not in mesh}
+        for key, entry in mesh.entries.items():
+            previous = memo.get(key)
+            if previous is None or (previous[0] is not entry and previous[0] != entry):
+                dirty.add(key)
+        return dirty
+
+    def _apply_output(
+        self,
+        key: ServiceKey,
+        before: ServiceOutput,
+        after: ServiceOutput,
+        run: _Run,
+        listener_ports: set[int],
+        route_ports: set[int],
+    ) -> bool:
+        """Record what one Service's new output changes; return whether its problems changed."""
+        for type_url, old, new in (
+            (CLUSTER, before.clusters, after.clusters),
+            (ENDPOINT, before.assignments, after.assignments),
+        ):
+            for resource in new:
+                run.put(resource)
+            kept = {resource.name for resource in new}
+            for resource in old:
+                if resource.name not in kept:
+                    run.remove(type_url, resource.name)
+        if before.claims != after.claims:
+            old_claims = _by_port((c.port, c) for c in before.claims)
+            new_claims = _by_port((c.port, c) for c in after.claims)
+            for port in old_claims.keys() | new_claims.keys():
+                claims = new_claims.get(port)
+                if claims == old_claims.get(port):
+                    continue
+                listener_ports.add(port)
+                by_key = self._port_claims.setdefault(port, {})
+                if claims is None:
+                    del by_key[key]
+                else:
+                    by_key[key] = claims
+        if before.virtual_hosts != after.virtual_hosts:
+            old_hosts = _by_port(before.virtual_hosts)
+            new_hosts = _by_port(after.virtual_hosts)
+            for port in old_hosts.keys() | new_hosts.keys():
+                hosts = new_hosts.get(port)
+                if hosts == old_hosts.get(port):
+                    continue
+                route_ports.add(port)
+                framed = self._port_hosts.setdefault(port, {})
+                if hosts is None:
+                    del framed[key]
+                else:
+                    framed[key] = b"".join(encode_len_field(2, vhost) for vhost in hosts)
+        if before.problems == after.problems:
+            return False
+        if after.problems:
+            self._service_problems[key] = after.problems
+        else:
+            self._service_problems.pop(key, None)
+        return True
+
+    def _rebuild_listener(self, port: int, run: _Run) -> bool:
+        """Rebuild the listener of a port whose claims changed; return whether its problems did."""
+        by_key = self._port_claims.get(port, {})
+        keys = self._port_keys.get(port, [])
+        present = set(by_key)
+        keys = _update_sorted(keys, present.difference(keys), set(keys).difference(present))
+        name = listener_name(port)
+        cached = self._listeners.get(port)
+        old_problems = cached[2] if cached is not None else ()
+        if not keys:
+            self._port_keys.pop(port, None)
+            self._port_claims.pop(port, None)
+            self._listeners.pop(port, None)
+            run.remove(LISTENER, name)
+            return bool(old_problems)
+        self._port_keys[port] = keys
+        claims = tuple(itertools.chain.from_iterable(map(by_key.__getitem__, keys)))
+        if cached is None or cached[0] != claims:
+            cached = (claims, *self._port_listener(port, claims))
+            self._listeners[port] = cached
+        _, listener, problems = cached
+        if listener is None:
+            run.remove(LISTENER, name)
+        else:
+            run.put(listener)
+        return problems != old_problems
+
+    def _rebuild_route(self, port: int, run: _Run) -> None:
+        """The route configuration of a port: its HTTP Services' virtual hosts, in key order."""
+        name = route_name(port)
+        framed = self._port_hosts.get(port)
+        if not framed:
+            self._port_hosts.pop(port, None)
+            run.remove(ROUTE, name)
+            return
+        if listener_name(port) not in run.resources[LISTENER]:
+            run.remove(ROUTE, name)
+            return
+        keys = self._port_keys[port]
+        hosts = (
+            [framed[key] for key in keys if key in framed]
+            if len(framed) < len(keys)
+            else list(map(framed.__getitem__, keys))
+        )
+        # RouteConfiguration: name is field 1, virtual_hosts field 2 (repeated).
+        body = encode_len_field(1, name.encode()) + b"".join(hosts)
+        run.put(Resource.from_bytes(ROUTE, name, body))
+
+    def _collect_problems(self) -> tuple[Problem, ...]:
+        """Every problem, in the order of a whole walk: ClusterIP conflicts (by the first
+        claimant), then each Service's in key order, then each listener's in port order."""
+        problems: list[Problem] = []
+        ips = self._ips.groups
+        for ip in sorted(self._ip_problems, key=lambda ip: ips[ip][0]):
+            problems.extend(self._ip_problems[ip])
+        for key in sorted(self._service_problems):
+            problems.extend(self._service_problems[key])
+        for port in sorted(self._listeners):
+            problems.extend(self._listeners[port][2])
+        return tuple(problems)
 
     def _address(self, name: str, port: int, problems: list[Problem]) -> address_pb2.Address | None:
         envoy_port = port + self.settings.listener_port_offset
