@@ -24,7 +24,7 @@ from xds.admin import make_app, start_admin
 from xds.cache import Cache
 from xds.config import Settings
 from xds.metrics import Metrics
-from xds.model import Problem
+from xds.model import Mesh, Problem
 from xds.resources import short_name
 from xds.server.callbacks import CallbackList
 from xds.server.service import DiscoveryServer, start_server
@@ -155,10 +155,11 @@ class ControlPlane:
             change.set_attribute("xds.source_events", self._change_events)
         change.end()
         parent = trace.set_span_in_context(change)
-        mesh = self.source.mesh()
         started = time.perf_counter()
         with tracer.start_as_current_span("translate", context=parent) as span:
-            translation = await asyncio.to_thread(self.translator.translate, mesh)
+            # The source applies what changed since the last rebuild when asked for its mesh: after
+            # the debounce and, like translation, off the event loop.
+            mesh, translation = await asyncio.to_thread(self._translate)
             if span.is_recording():
                 changed = [str(key) for key in translation.changed]
                 span.set_attributes(
@@ -198,6 +199,10 @@ class ControlPlane:
             translation.translated,
             elapsed * 1000,
         )
+
+    def _translate(self) -> tuple[Mesh, Translation]:
+        mesh = self.source.mesh()
+        return mesh, self.translator.translate(mesh)
 
     def _log_new_problems(self, problems: tuple[Problem, ...]) -> None:
         current = set(problems)
