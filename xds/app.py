@@ -173,11 +173,15 @@ class ControlPlane:
                 )
         elapsed = time.perf_counter() - started
         self.metrics.translated(elapsed)
-        self.last_translation = translation
+        offered, self.last_translation = self.last_translation, translation
         self._log_new_problems(translation.problems)
+        # The translation's changes are relative to its base: usable when that is what was offered.
+        follows = offered is not None and translation.base == offered.serial
         with tracer.start_as_current_span("publish", context=parent) as span:
             published = self.cache.publish(
-                translation.resources, trace_context=trace.set_span_in_context(span)
+                translation.resources,
+                trace_context=trace.set_span_in_context(span),
+                changes=translation.resource_changes if follows else None,
             )
             if span.is_recording():
                 snapshot = self.cache.snapshot

@@ -11,12 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
 
-from xds.resources import ADS_ORDER, Resource, type_version
+from xds.resources import (
+    ADS_ORDER,
+    Resource,
+    format_version,
+    type_digest,
+    version_share,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,37 +52,154 @@ class Snapshot:
     # The tracing context of the change that produced this snapshot (opaque here): pushes of it
     # join that trace.
     trace_context: object = field(default=None, compare=False)
+    # Each type's version as a number: the XOR of its resources' shares (`version_share`), so that
+    # a derived snapshot's versions follow what changed.
+    digests: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def build(
         cls, resources: Mapping[str, Mapping[str, Resource]], trace_context: object = None
     ) -> Snapshot:
         frozen = {url: MappingProxyType(dict(items)) for url, items in resources.items()}
-        versions = {url: type_version(items.values()) for url, items in frozen.items()}
-        return cls(MappingProxyType(frozen), MappingProxyType(versions), trace_context)
+        digests = {url: type_digest(items.values()) for url, items in frozen.items()}
+        versions = {url: format_version(digest) for url, digest in digests.items()}
+        return cls(
+            MappingProxyType(frozen),
+            MappingProxyType(versions),
+            trace_context,
+            MappingProxyType(digests),
+        )
+
+    def derive(
+        self,
+        resources: Mapping[str, Mapping[str, Resource]],
+        names: Changes,
+        trace_context: object = None,
+    ) -> tuple[Snapshot, Changes]:
+        """The snapshot of `resources`, given that only the `names` (by type) may differ from this
+        one: the types `names` leaves out keep this snapshot's mappings, and versions follow the
+        changed resources alone. `resources`' mappings are taken as they are (never copied): the
+        caller must not change them after. Returns the snapshot and the names that do differ."""
+        mappings = dict(self.resources)
+        digests = dict(self.digests)
+        versions = dict(self.versions)
+        differ: dict[str, frozenset[str]] = {}
+        for type_url, candidates in names.items():
+            old = self.of_type(type_url)
+            new = resources.get(type_url, _EMPTY)
+            digest = digests.get(type_url, 0)
+            changed = set()
+            for name in candidates:
+                before, after = old.get(name), new.get(name)
+                if before is after or (
+                    before is not None and after is not None and before.version == after.version
+                ):
+                    continue
+                if before is not None:
+                    digest ^= version_share(name, before.version)
+                if after is not None:
+                    digest ^= version_share(name, after.version)
+                changed.add(name)
+            if not changed and type_url in mappings:
+                continue
+            mappings[type_url] = new if isinstance(new, MappingProxyType) else MappingProxyType(new)
+            digests[type_url] = digest
+            versions[type_url] = format_version(digest)
+            if changed:
+                differ[type_url] = frozenset(changed)
+        snapshot = Snapshot(
+            MappingProxyType(mappings),
+            MappingProxyType(versions),
+            trace_context,
+            MappingProxyType(digests),
+        )
+        return snapshot, differ
 
     def of_type(self, type_url: str) -> Mapping[str, Resource]:
-        return self.resources.get(type_url, MappingProxyType({}))
+        return self.resources.get(type_url, _EMPTY)
 
     def version(self, type_url: str) -> str:
         return self.versions.get(type_url, "")
 
     def inconsistencies(self) -> list[str]:
         """Every reference to a resource that the snapshot does not hold, as readable lines."""
-        missing = []
+        missing: list[str] = []
         for type_url in ADS_ORDER:
             for resource in self.of_type(type_url).values():
-                for ref_type, ref_name in resource.refs:
-                    if ref_name not in self.of_type(ref_type):
-                        missing.append(
-                            f"{resource.type_url.rsplit('.', 1)[-1]} {resource.name!r} refers to "
-                            f"{ref_type.rsplit('.', 1)[-1]} {ref_name!r}, which does not exist"
-                        )
+                missing.extend(self._dangling(resource))
         return missing
+
+    def _dangling(self, resource: Resource) -> Iterator[str]:
+        for ref_type, ref_name in resource.refs:
+            if ref_name not in self.of_type(ref_type):
+                yield (
+                    f"{resource.type_url.rsplit('.', 1)[-1]} {resource.name!r} refers to "
+                    f"{ref_type.rsplit('.', 1)[-1]} {ref_name!r}, which does not exist"
+                )
 
     @property
     def size(self) -> int:
         return sum(len(r.any_bytes) for items in self.resources.values() for r in items.values())
+
+
+_EMPTY: Mapping[str, Resource] = MappingProxyType({})
+
+
+class _Referrers:
+    """How many resources of the published snapshot refer to each (type, name): what tells, when
+    a change removes a resource, whether one that did not change still needs it."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.counts: dict[str, dict[str, int]] = {}
+        for items in snapshot.resources.values():
+            for resource in items.values():
+                self.add(resource.refs, 1)
+
+    def add(self, refs: tuple[tuple[str, str], ...], step: int) -> None:
+        for ref_type, ref_name in refs:
+            counts = self.counts.setdefault(ref_type, {})
+            count = counts.get(ref_name, 0) + step
+            if count:
+                counts[ref_name] = count
+            else:
+                del counts[ref_name]
+
+    def apply(self, before: Snapshot, after: Snapshot, changes: Changes) -> None:
+        for type_url, names in changes.items():
+            old, new = before.of_type(type_url), after.of_type(type_url)
+            for name in names:
+                if (resource := old.get(name)) is not None:
+                    self.add(resource.refs, -1)
+                if (resource := new.get(name)) is not None:
+                    self.add(resource.refs, 1)
+
+    def consistent(self, before: Snapshot, after: Snapshot, changes: Changes) -> bool:
+        """Whether `after`, which differs from `before` (this count's snapshot) in `changes` only,
+        refers to nothing it lacks: the changed resources' references must resolve, and a removed
+        resource must be referred to by nothing, counting the changed referrers as changed."""
+        removed: list[tuple[str, str]] = []
+        delta: dict[tuple[str, str], int] = {}
+        for type_url, names in changes.items():
+            old, new = before.of_type(type_url), after.of_type(type_url)
+            for name in names:
+                resource = new.get(name)
+                if resource is None:
+                    removed.append((type_url, name))
+                else:
+                    if any(
+                        ref_name not in after.of_type(ref_type)
+                        for ref_type, ref_name in resource.refs
+                    ):
+                        return False
+                    for ref in resource.refs:
+                        delta[ref] = delta.get(ref, 0) + 1
+                if (held := old.get(name)) is not None:
+                    for ref in held.refs:
+                        delta[ref] = delta.get(ref, 0) - 1
+        for type_url, name in removed:
+            if self.counts.get(type_url, {}).get(name, 0) + delta.get((type_url, name), 0) > 0:
+                return False
+        return True
 
 
 class Cache:
@@ -91,6 +214,10 @@ class Cache:
         self.refused = 0
         # (serial, what that publish changed) of the latest publishes.
         self._changes: deque[tuple[int, Changes]] = deque(maxlen=CHANGES_KEPT)
+        self._referrers = _Referrers(self._snapshot)
+        # The names in which the last resources offered (published or refused) may differ from the
+        # current snapshot's; None when that is not known (a refused offer without its changes).
+        self._behind: dict[str, frozenset[str]] | None = {}
 
     def changes_since(self, serial: int) -> Changes | None:
         """What the publishes after `serial` changed, up to the current snapshot; None when that is
@@ -116,23 +243,52 @@ class Cache:
         return self._snapshot, self._changed
 
     def publish(
-        self, resources: Mapping[str, Mapping[str, Resource]], trace_context: object = None
+        self,
+        resources: Mapping[str, Mapping[str, Resource]],
+        trace_context: object = None,
+        changes: Changes | None = None,
     ) -> bool:
-        snapshot = Snapshot.build(resources, trace_context)
-        missing = snapshot.inconsistencies()
-        if missing:
+        """Publish `resources` unless they refer to something they lack; return whether they are
+        served now (also when they equal the current snapshot).
+
+        `changes`, when given, names by type every resource that may differ from the resources of
+        the previous call (published or refused), and every type it leaves out is as it was then:
+        the snapshot, its versions and its consistency check then cost what changed, and the
+        mappings of `resources` are kept as they are, so the caller must never change them after
+        (a `Translation` never does). Without it, everything is copied and compared.
+        """
+        previous = self._snapshot
+        if changes is not None and self._behind is not None:
+            names = dict(self._behind)
+            for type_url, given in changes.items():
+                names[type_url] = names.get(type_url, frozenset()) | given
+            snapshot, differ = previous.derive(resources, names, trace_context)
+            consistent = self._referrers.consistent(previous, snapshot, differ)
+        else:
+            snapshot = Snapshot.build(resources, trace_context)
+            differ = _changes(previous, snapshot)
+            names = None
+            consistent = not snapshot.inconsistencies()
+        if not consistent:
             self.refused += 1
+            self._behind = names
+            missing = snapshot.inconsistencies()
             log.error(
                 "snapshot refused, still serving the previous one: %s%s",
                 "; ".join(missing[:5]),
                 f" (and {len(missing) - 5} more)" if len(missing) > 5 else "",
             )
             return False
-        if snapshot.versions == self._snapshot.versions and self.initialized.is_set():
+        self._behind = {}
+        if not differ and self.initialized.is_set():
             return True
-        previous, self._snapshot = self._snapshot, snapshot
+        self._snapshot = snapshot
+        if names is None:
+            self._referrers = _Referrers(snapshot)
+        else:
+            self._referrers.apply(previous, snapshot, differ)
         self.published += 1
-        self._changes.append((self.published, _changes(previous, snapshot)))
+        self._changes.append((self.published, differ))
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
         self.initialized.set()

@@ -100,10 +100,15 @@ class Resource:
 
 def type_version(resources: Iterable[Resource]) -> str:
     """A version for a set of resources: equal sets give equal versions on every replica."""
+    return format_version(type_digest(resources))
+
+
+def type_digest(resources: Iterable[Resource]) -> int:
+    """`type_version` as a number: the XOR of the resources' shares."""
     digest = 0
     for resource in resources:
         digest ^= version_share(resource.name, resource.version)
-    return format_version(digest)
+    return digest
 
 
 def version_share(name: str, version: str) -> int:

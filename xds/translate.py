@@ -380,9 +380,14 @@ class Translator:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._serial = 0
+        self._forget()
+
+    def _forget(self) -> None:
+        """Start again from nothing: the next run translates everything and reports no base."""
+        self._fresh = True
         self._memo: dict[ServiceKey, tuple[ServiceEntry, _Claims, ServiceOutput]] = {}
         self._mesh_generation: int | None = None
-        self._serial = 0
         self._names = _Group()
         self._ips = _Group()
         self._ip_of: dict[ServiceKey, str] = {}
@@ -406,6 +411,14 @@ class Translator:
         self._problems: tuple[Problem, ...] = ()
 
     def translate(self, mesh: Mesh) -> Translation:
+        try:
+            return self._translate(mesh)
+        except BaseException:
+            # A run that failed half-way leaves its state half-updated: the next one starts over.
+            self._forget()
+            raise
+
+    def _translate(self, mesh: Mesh) -> Translation:
         if mesh.generation == self._mesh_generation:
             dirty: set[ServiceKey] = set()
         elif mesh.parent is not None and mesh.parent == self._mesh_generation:
@@ -413,7 +426,8 @@ class Translator:
         else:
             dirty = self._compare(mesh)
         self._mesh_generation = mesh.generation
-        base = self._serial or None
+        base = None if self._fresh else self._serial
+        self._fresh = False
         self._serial += 1
         run = _Run(self._resources)
 
