@@ -1,5 +1,6 @@
-"""Shared by bench/propagation.py and bench/peer_sovereign.py: the workload, the processes, and how
-a change is seen arriving in one real Envoy.
+"""Shared by bench/propagation.py and bench/peer_sovereign.py: one real Envoy, how a change is seen
+arriving in it, and the changes timed one at a time (the workload and the processes are
+bench/_common.py's).
 
 How "Envoy has the change" is observed, at no cost to the control plane: Envoy runs with the debug
 log of its `config` and `upstream` components, each line stamped by Envoy itself to the
@@ -24,38 +25,41 @@ stopped on exit (and told to stop if the benchmark dies: Linux's PR_SET_PDEATHSI
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import json
 import os
-import platform
 import random
 import re
-import signal
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _common import (
+    Clock,
+    Deadline,
+    Workload,
+    changed_service,
+    http_get,
+    log_tail,
+    marker_address,
+    spawn,
+    stop,
+    tree_cpu_seconds,
+    wait_until,
+    xds_command,
+)
+from _common import machine as _machine
+
 from xds.local import envoy_binary
 
-SERVICE_PORT = 80
-TARGET_PORT = 8080
-NAMESPACES = 20
 # Bounds on the counts, so that a typo cannot ask for a million of anything.
 MAX_SERVICES = 20_000
 MAX_ENDPOINTS = 100
-MAX_CHANGES = 10_000  # markers are 127.254.<k / 256>.<k % 256>
 LOG_READ_INTERVAL_S = 0.01
-SETUP_POLL_S = 0.1  # admin polling during set-up only, never while a change is measured
 IDLE_SETTLE_S = 2.0  # after set-up, before the idle CPU window
-STOP_TIMEOUT_S = 10.0
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 ENVOY_LOG_FORMAT = "%Y-%m-%dT%H:%M:%S.%f|%n|%v"
 # The end of an accepted response of the endpoint or cluster type: gRPC and delta xDS log it as
 # such; over REST, the cluster manager's summary of a CDS update is the last line it logs.
@@ -67,202 +71,13 @@ _ACCEPTED = re.compile(
 )
 
 
-class Deadline(Exception):
-    """A wait ran out of time: the run reports what it has."""
-
-
-class Clock:
-    """The global deadline of a run."""
-
-    def __init__(self, seconds: float) -> None:
-        self.end = time.monotonic() + seconds
-
-    def left(self, cap: float | None = None) -> float:
-        left = self.end - time.monotonic()
-        if left <= 0:
-            raise Deadline("global deadline (--timeout) reached")
-        return left if cap is None else min(left, cap)
-
-
-def wait_until(condition: Callable[[], object], seconds: float, what: str) -> None:
-    """Polls `condition` every SETUP_POLL_S until it is truthy; Deadline after `seconds`."""
-    until = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > until:
-            raise Deadline(f"{what}: not within {seconds:.0f} s")
-        time.sleep(SETUP_POLL_S)
-
-
-# --- the workload ----------------------------------------------------------------------------
-
-
-def endpoint_address(service: int, endpoint: int) -> str:
-    # 127.1.0.0 upwards, never contacted: 127.254/16 is kept for the change markers.
-    return f"127.{1 + service // 256 % 200}.{service % 256}.{endpoint + 1}"
-
-
-def marker_address(change: int) -> str:
-    return f"127.254.{change // 256}.{change % 256}"
-
-
-def changed_service(change: int, services: int) -> int:
-    # Spread over the Services (7919 is prime), so successive changes touch different ones.
-    return change * 7919 % services
-
-
-@dataclass
-class Workload:
-    """S Services x E endpoints in NAMESPACES namespaces; `first[i]` is Service i's first
-    endpoint address, which a change replaces by a marker."""
-
-    services: int
-    endpoints: int
-    first: dict[int, str] = field(default_factory=dict)
-
-    def name(self, index: int) -> tuple[str, str]:
-        return f"bench-{index % NAMESPACES}", f"svc-{index}"
-
-    def addresses(self, index: int) -> list[str]:
-        addresses = [endpoint_address(index, e) for e in range(self.endpoints)]
-        addresses[0] = self.first.get(index, addresses[0])
-        return addresses
-
-    def service(self, index: int) -> dict[str, Any]:
-        namespace, name = self.name(index)
-        return {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": name, "namespace": namespace},
-            "spec": {
-                # A Kubernetes service-range ClusterIP: configuration text only, never dialled.
-                "clusterIP": f"10.96.{index // 256 % 256}.{index % 256}",
-                "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": TARGET_PORT}],
-            },
-        }
-
-    def endpoint_slice(self, index: int) -> dict[str, Any]:
-        namespace, name = self.name(index)
-        return {
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": f"{name}-1",
-                "namespace": namespace,
-                "labels": {"kubernetes.io/service-name": name},
-            },
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": TARGET_PORT}],
-            "endpoints": [
-                {"addresses": [address], "conditions": {"ready": True}}
-                for address in self.addresses(index)
-            ],
-        }
-
-    def manifest(self, index: int) -> str:
-        """Service `index` and its EndpointSlice as a YAML stream (JSON is YAML, and fast)."""
-        docs = (self.service(index), self.endpoint_slice(index))
-        return "---\n".join(json.dumps(doc) + "\n" for doc in docs)
-
-
-def write_atomically(path: Path, text: str) -> float:
-    """Writes `text` aside, then renames it over `path`; returns the time of the rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    written = time.time()
-    os.replace(tmp, path)
-    return written
-
-
-# --- processes -------------------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """In a child, before exec: SIGTERM when the benchmark dies, even by SIGKILL."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-
-
-def spawn(
-    command: list[str],
-    log_path: Path,
-    env: dict[str, str] | None = None,
-    cwd: Path | None = None,
-) -> subprocess.Popen[bytes]:
-    with open(log_path, "wb") as log:
-        return subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=cwd,
-            # A session of its own: Ctrl-C reaches the benchmark alone, which stops it in order.
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-
-
-def stop(process: subprocess.Popen[bytes] | None) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # its own session: its workers too
-        process.wait(STOP_TIMEOUT_S)
-
-
-def log_tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def http_get(url: str, timeout: float = 2.0) -> bytes | None:
-    """The body of a 200 answer, or None (connection refused, other status)."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            body: bytes = response.read()
-            return body if response.status == 200 else None
-    except (urllib.error.URLError, OSError):
-        return None
-
-
-def cpu_seconds(root: int) -> float:
-    """utime + stime of a process and all its live descendants (gunicorn workers, say)."""
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                # The command name may hold spaces and parentheses: fields after its ")".
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        pid = int(entry.name)
-        parents[pid] = int(fields[1])
-        times[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    tree, frontier = {root}, [root]
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
-        tree.update(children)
-        frontier += children
-    return sum(times.get(pid, 0.0) for pid in tree)
-
-
 def idle_cores(pids: list[int], seconds: float) -> list[float]:
     """CPU of each process tree over `seconds` of wall time, in cores."""
-    before = [cpu_seconds(pid) for pid in pids]
+    before = [tree_cpu_seconds(pid) for pid in pids]
     started = time.monotonic()
     time.sleep(seconds)
     elapsed = time.monotonic() - started
-    return [(cpu_seconds(pid) - b) / elapsed for pid, b in zip(pids, before, strict=True)]
+    return [(tree_cpu_seconds(pid) - b) / elapsed for pid, b in zip(pids, before, strict=True)]
 
 
 # --- Envoy -----------------------------------------------------------------------------------
@@ -280,10 +95,7 @@ def envoy_version() -> str:
 
 
 def machine() -> str:
-    return (
-        f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}, "
-        f"Envoy {envoy_version()}"
-    )
+    return f"{_machine()}, Envoy {envoy_version()}"
 
 
 _base_ids = iter(range(os.getpid() % 10_000 * 10 + 5, 2**31))
@@ -424,24 +236,6 @@ class Result:
     note: str = ""
 
 
-def quantile(ordered: list[float], q: float) -> float:
-    """Nearest-rank quantile of sorted samples."""
-    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 1))))
-    return ordered[rank - 1]
-
-
-def ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:,.1f}"
-
-
-def summary(samples: list[float]) -> tuple[float | None, float | None, float | None]:
-    """p50, p99, max."""
-    if not samples:
-        return None, None, None
-    ordered = sorted(samples)
-    return quantile(ordered, 0.5), quantile(ordered, 0.99), ordered[-1]
-
-
 def measure_changes(
     result: Result,
     envoy: EnvoyProcess,
@@ -467,24 +261,6 @@ def measure_changes(
             result.has.append(has - written)
             result.accepted.append(accepted - written)
         time.sleep(min(plan.gap + pauses.uniform(0, plan.gap_jitter), clock.left()))
-
-
-@contextlib.contextmanager
-def running(*stops: Callable[[], None]) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for stop_one in stops:
-            with contextlib.suppress(Exception):
-                stop_one()
-
-
-def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
-def xds_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "xds", *args]
 
 
 def bootstrap(node_id: str, xds_port: int, mode: str) -> dict[str, Any]:

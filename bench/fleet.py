@@ -43,45 +43,52 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import multiprocessing
-import os
-import platform
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from types import FrameType
-from typing import Any, NoReturn
-
-import yaml
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402
+    MAX_CHANGES,
+    STOP_TIMEOUT_S,
+    Clock,
+    Deadline,
+    Workload,
+    bounded,
+    changed_service,
+    cpu_seconds,
+    cpu_total,
+    interrupt_on_sigterm,
+    listed,
+    log_tail,
+    machine,
+    marker_address,
+    ms,
+    quantile,
+    rss_mib,
+    service_file,
+    start_serve,
+    stop,
+    write_atomically,
+)
 from _fleet_client import WorkerSpec, raise_fd_limit, worker_main  # noqa: E402
 
-from xds.local import free_port  # noqa: E402
-
-SERVICE_PORT = 80
-TARGET_PORT = 8080
-NAMESPACES = 20
 # Bounds on the counts, so that a typo cannot ask for a million processes or streams.
 MAX_STREAMS = 50_000
 MAX_WORKERS = 64
 MAX_SERVICES = 50_000
 MAX_ENDPOINTS = 250
-MAX_CHANGES = 10_000  # markers are 127.254.<k / 256>.<k % 256>
 # Waits that are not the measurement itself.
 READY_TIMEOUT_S = 120.0  # the control plane's first snapshot, workers' imports
-STOP_TIMEOUT_S = 10.0
 FLUSH_TIMEOUT_S = 5.0
 # Between changes, so that each is an isolated source event (rebuilt at once by the leading-edge
 # debounce, whose quiet period is 10 ms) rather than coalesced with the one before.
@@ -91,109 +98,6 @@ SETTLE_S = 1.0
 # The storm's change is made this long after its clients are told to go: they are then connecting
 # (a storm of thousands takes seconds to configure); the report tells whether it was still going.
 STORM_LEAD_S = 1.0
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-class Deadline(Exception):
-    """The global deadline passed: report what there is."""
-
-
-class Clock:
-    def __init__(self, seconds: float) -> None:
-        self.end = time.monotonic() + seconds
-
-    def left(self, cap: float | None = None) -> float:
-        left = self.end - time.monotonic()
-        if left <= 0:
-            raise Deadline("global deadline (--timeout) reached")
-        return left if cap is None else min(left, cap)
-
-
-# --- the manifests ---------------------------------------------------------------------------
-
-
-def endpoint_address(service: int, endpoint: int) -> str:
-    # 127.1.0.0 upwards: 127.0.0.1 is the control plane's and 127.254/16 the change markers'.
-    return f"127.{1 + service // 256 % 200}.{service % 256}.{endpoint + 1}"
-
-
-def marker_address(change: int) -> str:
-    return f"127.254.{change // 256}.{change % 256}"
-
-
-def service_manifest(index: int, endpoints: int, first: str | None = None) -> str:
-    namespace, name = f"fleet-{index % NAMESPACES}", f"svc-{index}"
-    addresses = [endpoint_address(index, e) for e in range(endpoints)]
-    if first is not None:
-        addresses[0] = first
-    return yaml.safe_dump_all(
-        [
-            {
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {"name": name, "namespace": namespace},
-                "spec": {
-                    # A Kubernetes service-range ClusterIP: configuration text only, never dialled.
-                    "clusterIP": f"10.96.{index // 256 % 256}.{index % 256}",
-                    "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": TARGET_PORT}],
-                },
-            },
-            {
-                "apiVersion": "discovery.k8s.io/v1",
-                "kind": "EndpointSlice",
-                "metadata": {
-                    "name": f"{name}-1",
-                    "namespace": namespace,
-                    "labels": {"kubernetes.io/service-name": name},
-                },
-                "addressType": "IPv4",
-                "ports": [{"name": "http", "port": TARGET_PORT}],
-                "endpoints": [
-                    {"addresses": [address], "conditions": {"ready": True}} for address in addresses
-                ],
-            },
-        ]
-    )
-
-
-def service_file(directory: Path, index: int) -> Path:
-    return directory / f"svc-{index}.yaml"
-
-
-def changed_service(change: int, services: int) -> int:
-    # Spread over the Services (7919 is prime), so successive changes touch different files.
-    return change * 7919 % services
-
-
-# --- /proc -----------------------------------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of a process (every thread), from /proc/<pid>/stat; None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            # The command name may hold spaces and parentheses: fields are counted after its ")".
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def rss_mib(pid: int) -> float | None:
-    """VmRSS of a process; None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def cpu_total(pids: list[int]) -> float | None:
-    seconds = [cpu_seconds(pid) for pid in pids]
-    return None if None in seconds else sum(s for s in seconds if s is not None)
 
 
 def per_change(before: float | None, after: float | None, changes: int) -> float | None:
@@ -201,13 +105,6 @@ def per_change(before: float | None, after: float | None, changes: int) -> float
 
 
 # --- processes -------------------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """In the control plane's child, before exec: SIGTERM when the benchmark dies, even by
-    SIGKILL, so that no server is left running (Linux's PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
 @dataclass
@@ -236,51 +133,17 @@ class Fleet:
         for conn in self.pipes:
             conn.close()
         self.workers, self.pipes = [], []
-        if self.plane is not None and self.plane.poll() is None:
-            self.plane.terminate()
-            try:
-                self.plane.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.plane.kill()
-                self.plane.wait(STOP_TIMEOUT_S)
+        stop(self.plane)  # after its clients: it would otherwise quit under them
         self.plane = None
 
-    def plane_log_tail(self, lines: int = 20) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-
-def start_plane(fleet: Fleet, manifests: Path, log_path: Path, clock: Clock) -> tuple[int, int]:
-    xds_port, admin_port = free_port(), free_port()
+def start_plane(fleet: Fleet, manifests: Path, log_path: Path, clock: Clock) -> int:
+    """`xds serve` on the manifests, ready; returns its xDS port."""
     fleet.log_path = log_path
-    with open(fleet.log_path, "wb") as log:
-        fleet.plane = subprocess.Popen(
-            [
-                sys.executable, "-m", "xds", "--log-level", "WARNING", "serve",
-                "--manifests", str(manifests), "--xds-port", str(xds_port),
-                "--admin-port", str(admin_port),
-            ],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            # A session of its own: Ctrl-C reaches the benchmark alone, which then stops the
-            # fleet before the server (the server would otherwise quit under its clients).
-            start_new_session=True, preexec_fn=_die_with_parent,
-        )  # fmt: skip
-    ready = f"http://127.0.0.1:{admin_port}/readyz"
-    until = time.monotonic() + clock.left(READY_TIMEOUT_S)
-    while True:
-        if fleet.plane.poll() is not None:
-            code, tail = fleet.plane.returncode, fleet.plane_log_tail()
-            raise RuntimeError(f"xds serve exited ({code}):\n{tail}")
-        with (
-            contextlib.suppress(urllib.error.URLError, OSError),
-            urllib.request.urlopen(ready, timeout=2.0) as response,
-        ):
-            if response.status == 200:
-                return xds_port, admin_port
-        if time.monotonic() > until:
-            raise Deadline("control plane not ready in time")
-        time.sleep(0.05)
+    fleet.plane, xds_port, _ = start_serve(
+        log_path, clock.left(READY_TIMEOUT_S), "--manifests", str(manifests)
+    )
+    return xds_port
 
 
 def receive(
@@ -382,18 +245,18 @@ def run_one(args: argparse.Namespace, streams: int, clock: Clock, result: Result
         workdir = Path(tmp)
         manifests = workdir / "manifests"
         manifests.mkdir()
+        workload = Workload(args.services, args.endpoints)
         for index in range(args.services):
-            service_file(manifests, index).write_text(service_manifest(index, args.endpoints))
+            service_file(manifests, index).write_text(workload.manifest(index))
         fleet = Fleet()
         try:
-            _run(args, streams, clock, result, fleet, manifests)
+            _run(args, streams, clock, result, fleet, workload, manifests)
         except Deadline as exc:
             result.note = str(exc)
             raise
         except BaseException:
-            tail = fleet.plane_log_tail()
-            if tail:
-                print(f"control plane log (last lines):\n{tail}", file=sys.stderr)
+            tail = log_tail(fleet.log_path, 20)
+            print(f"control plane log (last lines):\n{tail}", file=sys.stderr)
             raise
         finally:
             fleet.stop()
@@ -405,13 +268,14 @@ def _run(
     clock: Clock,
     result: Result,
     fleet: Fleet,
+    workload: Workload,
     manifests: Path,
 ) -> None:
     log_dir = args.log_dir or manifests.parent
     log_dir.mkdir(parents=True, exist_ok=True)
     mode = "delta" if args.delta else "sotw"
     log_path = log_dir / f"xds-serve-{mode}-{streams}.log"
-    xds_port, _ = start_plane(fleet, manifests, log_path, clock)
+    xds_port = start_plane(fleet, manifests, log_path, clock)
     assert fleet.plane is not None
     pid = fleet.plane.pid
     # The storm's change, if any, is number changes + 1.
@@ -451,7 +315,7 @@ def _run(
     fleet_before = cpu_total(workers_pids)
     try:
         for change in range(1, args.changes + 1):
-            written = make_change(args, manifests, change)
+            written = make_change(workload, manifests, change)
             acked = await_acks(args, fleet, change, clock)
             result.latencies += [t - written for m in acked.values() for t in m[2]]
             missing = sum(m[3] for m in acked.values())
@@ -492,24 +356,19 @@ def _run(
         raise Deadline(result.note)
     if args.storm:
         result.storm = Storm(args.storm)
-        run_storm(args, f"127.0.0.1:{xds_port}", manifests, fleet, clock, result.storm)
+        target = f"127.0.0.1:{xds_port}"
+        run_storm(args, target, workload, manifests, fleet, clock, result.storm)
         if result.storm.connect_s is None or result.storm.missing:
             result.note = "storm: not every client configured, or the change not ACKed by all"
             raise Deadline(result.note)
 
 
-def make_change(args: argparse.Namespace, manifests: Path, change: int) -> float:
-    """Gives one endpoint the change's marker address; returns the wall-clock time it was made."""
-    service = changed_service(change, args.services)
-    text = service_manifest(service, args.endpoints, first=marker_address(change))
-    path = service_file(manifests, service)
-    # An atomic replace, as editors and config-map volumes do: written aside (a name the source
-    # ignores) and renamed; the clock starts at the rename, the change's moment.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    written = time.time()
-    os.replace(tmp, path)
-    return written
+def make_change(workload: Workload, manifests: Path, change: int) -> float:
+    """Gives one endpoint the change's marker address, by an atomic replace of its Service's
+    file; returns the wall-clock time it was made (the rename)."""
+    service = changed_service(change, workload.services)
+    workload.first[service] = marker_address(change)
+    return write_atomically(service_file(manifests, service), workload.manifest(service))
 
 
 def await_acks(
@@ -533,6 +392,7 @@ def await_acks(
 def run_storm(
     args: argparse.Namespace,
     target: str,
+    workload: Workload,
     manifests: Path,
     fleet: Fleet,
     clock: Clock,
@@ -550,7 +410,7 @@ def run_storm(
             conn.send(("go", connect_deadline))
         time.sleep(min(STORM_LEAD_S, clock.left()))
         change = args.changes + 1
-        written = make_change(args, manifests, change)
+        written = make_change(workload, manifests, change)
         acked = await_acks(args, fleet, change, clock)
         storm.latencies = [t - written for m in acked.values() for t in m[2]]
         storm.missing = sum(m[3] for m in acked.values())
@@ -578,20 +438,6 @@ def run_storm(
 # --- report ----------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    return f"{os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}"
-
-
-def quantile(ordered: list[float], q: float) -> float:
-    """Nearest-rank quantile of sorted samples."""
-    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 1))))
-    return ordered[rank - 1]
-
-
-def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1000:,.1f}"
-
-
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -616,7 +462,7 @@ def row(r: Result) -> str:
         connect = f"({r.configured} ok)"
     rss = f"{_fmt(r.rss_connect, '.0f')} / {_fmt(r.rss_end, '.0f')}"
     return (
-        f"{r.streams:>7,} {connect:>11} {_ms(p50):>21} {_ms(p99):>9} {_ms(top):>9} "
+        f"{r.streams:>7,} {connect:>11} {ms(p50):>21} {ms(p99):>9} {ms(top):>9} "
         f"{_fmt(r.bytes_per, ',.0f'):>12} {_fmt(r.plane_cpu, '.3f'):>9} {rss:>15} "
         f"{r.failures:>6}"
     )
@@ -651,8 +497,8 @@ def storm_details(r: Result, s: Storm) -> list[str]:
             return "none"
         ordered = sorted(samples)
         return (
-            f"p50 {_ms(quantile(ordered, 0.5))} / p99 {_ms(quantile(ordered, 0.99))} / "
-            f"max {_ms(ordered[-1])} ms"
+            f"p50 {ms(quantile(ordered, 0.5))} / p99 {ms(quantile(ordered, 0.99))} / "
+            f"max {ms(ordered[-1])} ms"
         )
 
     connect = (
@@ -683,18 +529,7 @@ def storm_details(r: Result, s: Storm) -> list[str]:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 
-    def bounded(low: int, high: int) -> Any:
-        def parse(text: str) -> int:
-            value = int(text)
-            if not low <= value <= high:
-                raise argparse.ArgumentTypeError(f"must be in [{low}, {high}]")
-            return value
-
-        return parse
-
-    def sizes(text: str) -> list[int]:
-        return [bounded(1, MAX_STREAMS)(part) for part in text.split(",") if part.strip()]
-
+    sizes = listed(bounded(1, MAX_STREAMS))
     parser.add_argument("--streams", type=sizes, default=[100, 1000], help="N, comma-separated")
     parser.add_argument("--services", type=bounded(1, MAX_SERVICES), default=1000)
     parser.add_argument("--endpoints", type=bounded(1, MAX_ENDPOINTS), default=10)
@@ -724,13 +559,9 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: FrameType | None) -> NoReturn:
-    raise KeyboardInterrupt  # SIGTERM too unwinds through the `finally`s that stop the fleet
-
-
 def main() -> int:
     args = parse_args()
-    signal.signal(signal.SIGTERM, _terminate)
+    interrupt_on_sigterm()
     clock = Clock(args.timeout)
     # Inherited by the control plane and the workers: each stream is a descriptor on both ends.
     limit = raise_fd_limit()

@@ -36,38 +36,40 @@ import argparse
 import importlib.metadata
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import FrameType
-from typing import Any, NoReturn
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _propagation import (  # noqa: E402
-    IDLE_SETTLE_S,
+from _common import (  # noqa: E402
     MAX_CHANGES,
-    MAX_ENDPOINTS,
-    MAX_SERVICES,
     TARGET_PORT,
     Clock,
     Deadline,
-    EnvoyProcess,
-    Plan,
-    Result,
     Workload,
+    bounded,
     http_get,
-    idle_cores,
+    interrupt_on_sigterm,
     log_tail,
-    machine,
-    measure_changes,
     ms,
     spawn,
     stop,
     summary,
     wait_until,
     write_atomically,
+)
+from _propagation import (  # noqa: E402
+    IDLE_SETTLE_S,
+    MAX_ENDPOINTS,
+    MAX_SERVICES,
+    EnvoyProcess,
+    Plan,
+    Result,
+    idle_cores,
+    machine,
+    measure_changes,
 )
 from propagation import run_variant  # noqa: E402
 
@@ -312,15 +314,6 @@ def report(sovereign: Result, ours: Result) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 
-    def bounded(low: int, high: int) -> Any:
-        def parse(text: str) -> int:
-            value = int(text)
-            if not low <= value <= high:
-                raise argparse.ArgumentTypeError(f"must be in [{low}, {high}]")
-            return value
-
-        return parse
-
     parser.add_argument("--services", type=bounded(1, MAX_SERVICES), default=1000)
     parser.add_argument("--endpoints", type=bounded(1, MAX_ENDPOINTS), default=10)
     parser.add_argument("--changes", type=bounded(1, MAX_CHANGES - 1), default=20)
@@ -345,10 +338,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: FrameType | None) -> NoReturn:
-    raise KeyboardInterrupt  # SIGTERM too unwinds through the `finally`s that stop everything
-
-
 def main() -> int:
     args = parse_args()
     try:
@@ -356,7 +345,7 @@ def main() -> int:
     except importlib.metadata.PackageNotFoundError:
         print("sovereign is not installed: pip install -e '.[bench]'", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _terminate)
+    interrupt_on_sigterm()
     clock = Clock(args.timeout)
     plan = Plan(
         endpoints=args.endpoints,

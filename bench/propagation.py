@@ -26,44 +26,44 @@ timing (a variant that times out is reported with what it has, and the exit stat
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
-from typing import Any, NoReturn
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.kubeapi
-from _propagation import (  # noqa: E402
-    IDLE_SETTLE_S,
+from _common import (  # noqa: E402
     MAX_CHANGES,
-    MAX_ENDPOINTS,
-    MAX_SERVICES,
     SERVICE_PORT,
     Clock,
     Deadline,
-    EnvoyProcess,
-    Plan,
-    Result,
     Workload,
-    bootstrap,
-    http_get,
-    idle_cores,
+    bounded,
+    interrupt_on_sigterm,
+    listed,
     log_tail,
-    machine,
-    measure_changes,
     ms,
-    spawn,
+    service_file,
+    start_serve,
     stop,
     summary,
     wait_until,
     write_atomically,
-    xds_command,
+)
+from _propagation import (  # noqa: E402
+    IDLE_SETTLE_S,
+    MAX_ENDPOINTS,
+    MAX_SERVICES,
+    EnvoyProcess,
+    Plan,
+    Result,
+    bootstrap,
+    idle_cores,
+    machine,
+    measure_changes,
 )
 
 from xds.local import free_port  # noqa: E402
@@ -99,15 +99,12 @@ class PerFile:
         self.workload = workload
         self.directory = directory
 
-    def path(self, index: int) -> Path:
-        return self.directory / f"svc-{index}.yaml"
-
     def write_all(self) -> None:
         for index in range(self.workload.services):
-            self.path(index).write_text(self.workload.manifest(index))
+            service_file(self.directory, index).write_text(self.workload.manifest(index))
 
     def apply(self, index: int) -> float:
-        return write_atomically(self.path(index), self.workload.manifest(index))
+        return write_atomically(service_file(self.directory, index), self.workload.manifest(index))
 
 
 class KubeAPI:
@@ -177,29 +174,18 @@ def run_variant(source: str, services: int, mode: str, plan: Plan, clock: Clock)
         plane = None
         try:
             where.write_all()
-            xds_port, admin_port, listener_port = free_port(), free_port(), free_port()
+            listener_port = free_port()
             input_args = (
                 ["--kubernetes", "--kubeconfig", str(where.kubeconfig)]
                 if isinstance(where, KubeAPI)
                 else ["--manifests", str(manifests)]
             )
             started = time.monotonic()
-            plane = spawn(
-                xds_command(
-                    "--log-level", "WARNING", "serve", *input_args,
-                    "--xds-port", str(xds_port), "--admin-port", str(admin_port),
-                    "--listener-address", "127.0.0.1",
-                    "--listener-port-offset", str(listener_port - SERVICE_PORT),
-                ),
-                plane_log,
+            plane, xds_port, _ = start_serve(
+                plane_log, clock.left(READY_TIMEOUT_S), *input_args,
+                "--listener-address", "127.0.0.1",
+                "--listener-port-offset", str(listener_port - SERVICE_PORT),
             )  # fmt: skip
-
-            def ready() -> bool:
-                if plane is not None and plane.poll() is not None:
-                    raise RuntimeError(f"xds serve exited:\n{log_tail(plane_log)}")
-                return http_get(f"http://127.0.0.1:{admin_port}/readyz") is not None
-
-            wait_until(ready, clock.left(READY_TIMEOUT_S), "control plane /readyz")
             envoy = EnvoyProcess(bootstrap(f"bench-{mode}", xds_port, mode), workdir, "envoy")
             envoy.start(clock.left(READY_TIMEOUT_S))
             wait_until(
@@ -255,18 +241,6 @@ def row(result: Result) -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 
-    def bounded(low: int, high: int) -> Any:
-        def parse(text: str) -> int:
-            value = int(text)
-            if not low <= value <= high:
-                raise argparse.ArgumentTypeError(f"must be in [{low}, {high}]")
-            return value
-
-        return parse
-
-    def listed(parse_one: Callable[[str], Any]) -> Callable[[str], list[Any]]:
-        return lambda text: [parse_one(part.strip()) for part in text.split(",") if part.strip()]
-
     def source(text: str) -> str:
         if text not in SOURCES:
             raise argparse.ArgumentTypeError(f"one of {', '.join(SOURCES)}")
@@ -297,13 +271,9 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: FrameType | None) -> NoReturn:
-    raise KeyboardInterrupt  # SIGTERM too unwinds through the `finally`s that stop everything
-
-
 def main() -> int:
     args = parse_args()
-    signal.signal(signal.SIGTERM, _terminate)
+    interrupt_on_sigterm()
     clock = Clock(args.timeout)
     plan = Plan(
         args.endpoints, args.changes, args.change_timeout, args.gap, args.gap_jitter, args.idle
