@@ -23,22 +23,38 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import os
-import platform
+import sys
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeAlias
 
-from xds._pb.envoy.service.discovery.v3 import discovery_pb2
-from xds.cache import Cache
-from xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource, encode_len_field
-from xds.server.delta import DeltaResponse, DeltaStream
-from xds.server.index import SubscriptionIndex
-from xds.server.sotw import SHARED, Response, SotwStream
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import MAX_CHANGES, bounded, machine  # noqa: E402
 
-Stream = SotwStream | DeltaStream
-AnyResponse = Response | DeltaResponse
+from xds._pb.envoy.service.discovery.v3 import discovery_pb2  # noqa: E402
+from xds.cache import Cache, Changes, SnapshotLike  # noqa: E402
+from xds.resources import (  # noqa: E402
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    Resource,
+    encode_len_field,
+)
+from xds.server.delta import DeltaResponse, DeltaStream  # noqa: E402
+from xds.server.index import SubscriptionIndex  # noqa: E402
+from xds.server.sotw import Response, SotwStream  # noqa: E402
+from xds.server.stream import SHARED  # noqa: E402
+
+Stream: TypeAlias = SotwStream | DeltaStream
+AnyResponse: TypeAlias = Response | DeltaResponse
+# Names by type for the types Envoy subscribes to by name (endpoints for its clusters, routes for
+# its listeners); the other types are wildcard subscriptions.
+Wanted = Mapping[str, list[str]]
+ORDER = (CLUSTER, ENDPOINT, LISTENER, ROUTE)  # as Envoy asks at start-up
 
 
 def resources(services: int, generation: dict[str, int]) -> dict[str, dict[str, Resource]]:
@@ -87,16 +103,18 @@ class Client:
             delta.response_nonce = answer.nonce
         return delta.SerializeToString()
 
-    def exchange(self, cache: Cache, responses: list[AnyResponse], names: list[str]) -> None:
+    def exchange(self, cache: Cache, responses: list[AnyResponse], wanted: Wanted) -> None:
         """Encodes and ACKs until the stream has nothing more to say."""
         while responses:
             response = responses.pop(0)
             self.sent_bytes += len(response.encode())
-            type_names = names if response.type_url in (ENDPOINT, ROUTE) else []
-            if response.type_url == ROUTE:
-                type_names = ["http:80"]
-            request = self.request(response.type_url, type_names, response)
+            names = wanted.get(response.type_url, [])
+            request = self.request(response.type_url, names, response)
             responses.extend(self.on_request(request, cache))
+
+    def react(self, cache: Cache, changes: Changes | None, wanted: Wanted) -> None:
+        """What the server has a stream do on a publish: note it, respond, take the ACKs."""
+        self.exchange(cache, list(self.stream.on_snapshot(cache.snapshot, changes)), wanted)
 
 
 @functools.cache
@@ -106,26 +124,27 @@ def _names_template(type_url: str, names: tuple[str, ...]) -> bytes:
     return request.SerializeToString()
 
 
-def connect(client: Client, cache: Cache, endpoint_names: list[str]) -> None:
-    for type_url, names in (
-        (CLUSTER, []),
-        (ENDPOINT, endpoint_names),
-        (LISTENER, []),
-        (ROUTE, ["http:80"]),
-    ):
-        first = client.request(type_url, names, None)
-        client.exchange(cache, client.on_request(first, cache), endpoint_names)
+def subscribed(snapshot: SnapshotLike) -> Wanted:
+    """What an Envoy holding every cluster and listener of `snapshot` asks for by name."""
+    return {type_url: sorted(snapshot.of_type(type_url)) for type_url in (ENDPOINT, ROUTE)}
+
+
+def connect(client: Client, cache: Cache, wanted: Wanted) -> None:
+    for type_url in ORDER:
+        first = client.request(type_url, wanted.get(type_url, []), None)
+        client.exchange(cache, client.on_request(first, cache), wanted)
 
 
 def run(variant: Callable[[], Stream], streams: int, services: int, changes: int) -> list[str]:
     generation: dict[str, int] = {}
     cache = Cache()
     cache.publish(resources(services, generation))
-    endpoint_names = sorted(cache.snapshot.of_type(ENDPOINT))
+    wanted = subscribed(cache.snapshot)
+    endpoint_names = wanted[ENDPOINT]
     # One stream first, outside the count: what every stream shares (encodings, the index's set
     # of names) is then in place, and the heap figure is what each further stream adds.
     clients = [Client(variant(), 0)]
-    connect(clients[0], cache, endpoint_names)
+    connect(clients[0], cache, wanted)
     gc.collect()
     built = SHARED.built
     tracemalloc.start()
@@ -133,7 +152,7 @@ def run(variant: Callable[[], Stream], streams: int, services: int, changes: int
     started = time.perf_counter()
     for index in range(1, streams + 1):
         client = Client(variant(), index)
-        connect(client, cache, endpoint_names)
+        connect(client, cache, wanted)
         clients.append(client)
     connect_s = time.perf_counter() - started
     gc.collect()
@@ -153,7 +172,7 @@ def run(variant: Callable[[], Stream], streams: int, services: int, changes: int
         serial = cache.published
         started = time.perf_counter()
         for client in clients:
-            client.exchange(cache, client.stream.on_snapshot(cache.snapshot, delta), endpoint_names)
+            client.react(cache, delta, wanted)
         timings.append(time.perf_counter() - started)
     per_change = sum(timings) / len(timings)
     for client in clients:
@@ -175,14 +194,11 @@ def run(variant: Callable[[], Stream], streams: int, services: int, changes: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--streams", type=int, default=1000)
-    parser.add_argument("--services", type=int, default=1000)
-    parser.add_argument("--changes", type=int, default=20)
+    parser.add_argument("--streams", type=bounded(1, 50_000), default=1000)
+    parser.add_argument("--services", type=bounded(1, 50_000), default=1000)
+    parser.add_argument("--changes", type=bounded(1, MAX_CHANGES), default=20)
     args = parser.parse_args()
-    print(
-        f"stream state machines, no gRPC: {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}, {platform.platform()}"
-    )
+    print(f"stream state machines, no gRPC; {machine()}")
     header = [
         "variant",
         "streams",

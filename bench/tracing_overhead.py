@@ -8,12 +8,17 @@ next to the cost of building the response itself.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-from xds.cache import Snapshot
-from xds.resources import CLUSTER, Resource
-from xds.server.sotw import Response
-from xds.server.tracing import PushTraces
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import bounded, machine  # noqa: E402
+
+from xds.cache import Snapshot  # noqa: E402
+from xds.resources import CLUSTER, Resource  # noqa: E402
+from xds.server.sotw import Response  # noqa: E402
+from xds.server.tracing import PushTraces  # noqa: E402
 
 
 def per_push_ns(pushes: int, traced: bool) -> float:
@@ -32,8 +37,9 @@ def per_push_ns(pushes: int, traced: bool) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pushes", type=int, default=200_000)
+    parser.add_argument("--pushes", type=bounded(10, 10_000_000), default=200_000)
     args = parser.parse_args()
+    print(f"machine: {machine()}")
     baseline = min(per_push_ns(args.pushes, traced=False) for _ in range(3))
     off = min(per_push_ns(args.pushes, traced=True) for _ in range(3))
     print(f"encode a 20-cluster response:          {baseline:8.0f} ns")
