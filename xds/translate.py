@@ -52,7 +52,7 @@ import itertools
 import json
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, NamedTuple, TypeVar
@@ -64,7 +64,6 @@ from xds import resources
 from xds._pb.envoy.config.cluster.v3 import cluster_pb2
 from xds._pb.envoy.config.core.v3 import (
     address_pb2,
-    base_pb2,
     config_source_pb2,
     extension_pb2,
     grpc_service_pb2,
@@ -102,7 +101,15 @@ from xds.model import (
     warning,
 )
 from xds.protocols import Kind, PortProtocol, port_protocol
-from xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource, encode_len_field
+from xds.resources import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    Resource,
+    encode_len_field,
+    encode_varint,
+)
 
 ANNOTATION_PREFIX = "xds.dev/"
 LB_POLICY_ANNOTATION = ANNOTATION_PREFIX + "lb-policy"
@@ -954,18 +961,11 @@ class Translator:
                 # The same address in two slices (a slice being replaced): the healthier wins.
                 if existing is None or health == health_check_pb2.HEALTHY:
                     by_locality[locality][(endpoint.address, number)] = health
-        assignment = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
-        for (region, zone), endpoints in sorted(by_locality.items()):
-            assignment.endpoints.append(
-                endpoint_components_pb2.LocalityLbEndpoints(
-                    locality=base_pb2.Locality(region=region, zone=zone),
-                    lb_endpoints=[
-                        _lb_endpoint(address, number, health)
-                        for (address, number), health in sorted(endpoints.items())
-                    ],
-                )
-            )
-        return Resource.from_message(name, assignment)
+        localities = [
+            (region, zone, sorted(endpoints.items()))
+            for (region, zone), endpoints in sorted(by_locality.items())
+        ]
+        return Resource.from_bytes(ENDPOINT, name, encode_assignment(name, localities))
 
     def _host_names(self, service: Service, claims: _Claims) -> tuple[str, ...]:
         """The DNS names clients use for the Service (also its TLS server names)."""
@@ -1113,6 +1113,47 @@ def _resolve_port(
         )
     )
     return None
+
+
+# A socket address this short keeps every enclosing length (up to the LbEndpoint's: socket + 6
+# bytes, + 2 for health) within one varint byte.
+_SHORT_SOCKET = 120
+
+
+def encode_assignment(
+    name: str, localities: Sequence[tuple[str, str, Sequence[tuple[tuple[str, int], int]]]]
+) -> bytes:
+    """A ClusterLoadAssignment, serialized by hand: the biggest part of a build is endpoints, and
+    framing their few fields directly costs a fraction of building messages. The bytes are those
+    of protobuf's deterministic serialization (fields in number order, defaults left out), which
+    `tests/unit/test_translate.py` checks. `localities`: (region, zone, [((address, port),
+    health)]), in order."""
+    out = [encode_len_field(1, name.encode())] if name else []  # cluster_name
+    for region, zone, endpoints in localities:
+        locality = b""
+        if region:
+            locality += encode_len_field(1, region.encode())  # Locality.region
+        if zone:
+            locality += encode_len_field(2, zone.encode())  # Locality.zone
+        body = [encode_len_field(1, locality)]  # LocalityLbEndpoints.locality
+        for (address, port), health in endpoints:
+            # SocketAddress: address = 2, port_value = 3; in Address.socket_address (1), in
+            # Endpoint.address (1), in LbEndpoint.endpoint (1); LbEndpoint.health_status = 2.
+            raw = address.encode()
+            socket = b"\x12" + encode_varint(len(raw)) + raw
+            if port:
+                socket += b"\x18" + encode_varint(port)
+            size = len(socket)
+            if size < _SHORT_SOCKET:
+                # Every length below fits in one byte: frame the three levels at once.
+                lb_endpoint = bytes((10, size + 4, 10, size + 2, 10, size)) + socket
+            else:
+                lb_endpoint = encode_len_field(1, encode_len_field(1, encode_len_field(1, socket)))
+            if health:
+                lb_endpoint += b"\x10" + encode_varint(health)
+            body.append(encode_len_field(2, lb_endpoint))  # LocalityLbEndpoints.lb_endpoints
+        out.append(encode_len_field(2, b"".join(body)))  # ClusterLoadAssignment.endpoints
+    return b"".join(out)
 
 
 def _lb_endpoint(

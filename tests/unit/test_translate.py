@@ -292,3 +292,53 @@ def test_every_service_kind_is_translated():
     domains = [d for v in decode(out.resources[ROUTE]["http:80"]).virtual_hosts for d in v.domains]
     assert "ext.default.svc.cluster.local" in domains
     assert Snapshot.build(out.resources).inconsistencies() == []
+
+
+def test_hand_encoded_assignments_are_protobufs_deterministic_bytes() -> None:
+    import random
+
+    from xds._pb.envoy.config.core.v3 import address_pb2, base_pb2
+    from xds._pb.envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+    from xds.translate import encode_assignment
+
+    rng = random.Random(3)
+    for _ in range(200):
+        localities = [
+            (
+                rng.choice(["", "eu", "région-ü"]),
+                rng.choice(["", "a", "zone-" + "z" * rng.randint(0, 200)]),
+                [
+                    (
+                        (
+                            f"127.0.{rng.randint(0, 255)}.{rng.randint(0, 255)}",
+                            rng.randint(0, 65535),
+                        ),
+                        rng.choice([0, health_check_pb2.HEALTHY, health_check_pb2.DRAINING]),
+                    )
+                    for _ in range(rng.randint(0, 40))
+                ],
+            )
+            for _ in range(rng.randint(0, 3))
+        ]
+        name = rng.choice(["", "ns/s:http", "n" * 300])
+        message = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
+        for region, zone, endpoints in localities:
+            message.endpoints.append(
+                endpoint_components_pb2.LocalityLbEndpoints(
+                    locality=base_pb2.Locality(region=region, zone=zone),
+                    lb_endpoints=[
+                        endpoint_components_pb2.LbEndpoint(
+                            endpoint=endpoint_components_pb2.Endpoint(
+                                address=address_pb2.Address(
+                                    socket_address=address_pb2.SocketAddress(
+                                        address=address, port_value=port
+                                    )
+                                )
+                            ),
+                            health_status=health,  # type: ignore[arg-type]
+                        )
+                        for (address, port), health in endpoints
+                    ],
+                )
+            )
+        assert encode_assignment(name, localities) == message.SerializeToString(deterministic=True)
