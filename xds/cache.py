@@ -9,6 +9,7 @@ good one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -137,8 +138,9 @@ class Snapshot:
                     f"{ref_type.rsplit('.', 1)[-1]} {ref_name!r}, which does not exist"
                 )
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
+        """Bytes of every resource: asked per scrape and per traced publish, counted once."""
         return sum(len(r.any_bytes) for items in self.resources.values() for r in items.values())
 
 
