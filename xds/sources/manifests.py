@@ -30,7 +30,7 @@ import logging
 import re
 import socket
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import TypeGuard
 
@@ -187,58 +187,238 @@ def assemble(converted: Iterable[Converted]) -> tuple[Mesh, list[Problem]]:
     EndpointSlice controllers write the same endpoints), so reading both would count each endpoint
     twice. Endpoint objects that feed no Service get a warning.
     """
-    problems: list[Problem] = []
-    served: dict[ObjectId, ManifestObject] = {}
-    for conversion in sorted(converted, key=lambda c: c.location):
-        for obj in conversion.objects:
-            first = served.get(obj.id)
-            if first is None:
-                served[obj.id] = obj
+    by_location: dict[str, Converted] = {}
+    for conversion in converted:
+        same = by_location.get(conversion.location)
+        if same is not None:
+            # Two conversions of one location are read as one, in the order given.
+            conversion = Converted(
+                conversion.location,
+                same.objects + conversion.objects,
+                same.problems + conversion.problems,
+                same.skipped + conversion.skipped,
+            )
+        by_location[conversion.location] = conversion
+    assembly = Assembly()
+    mesh = assembly.update(by_location)
+    return mesh, list(assembly.problems)
+
+
+# The precedence of an object among those claiming its id: its location, then its position there.
+_Claim = tuple[str, int, ManifestObject]
+_SLICES, _ENDPOINTS = 0, 1
+
+
+class Assembly:
+    """The conversions of every location, joined into a Mesh one change at a time.
+
+    `update` takes the locations that changed and recomputes only the object ids they hold or held
+    and the Services those feed, then derives the new Mesh from the previous one, so a change costs
+    what it touched rather than what the mesh holds. The outcome is exactly `assemble`'s for the
+    same conversions (which is this class, used once): the same entries, the same problems in the
+    same order.
+
+    Not thread-safe: a source calls it under its own lock.
+    """
+
+    def __init__(self) -> None:
+        self._conversions: dict[str, Converted] = {}
+        # Every object claiming an id, in precedence order; the first is served.
+        self._claims: dict[ObjectId, list[_Claim]] = {}
+        self._served: dict[ObjectId, ManifestObject] = {}
+        self._services: dict[ServiceKey, Service] = {}
+        # The served EndpointSlices (_SLICES) and Endpoints (_ENDPOINTS) by the Service they feed.
+        self._feeders: tuple[dict[ServiceKey, dict[ObjectId, ManifestObject]], ...] = ({}, {})
+        self._duplicates: dict[ObjectId, list[tuple[tuple[str, int], Problem]]] = {}
+        self._orphans: tuple[dict[ServiceKey, tuple[Problem, ...]], ...] = ({}, {})
+        self._problems: tuple[Problem, ...] = ()
+        self.mesh = Mesh()
+
+    @property
+    def problems(self) -> tuple[Problem, ...]:
+        """The problems of joining the current conversions, in `assemble`'s order."""
+        return self._problems
+
+    @property
+    def conversions(self) -> Mapping[str, Converted]:
+        return self._conversions
+
+    def update(self, changes: Mapping[str, Converted | None]) -> Mesh:
+        """Apply the new conversions of the locations in `changes` (None: the location is gone)
+        and return the Mesh derived from the previous one: its `changed` is exactly the keys whose
+        entry differs."""
+        affected: set[ObjectId] = set()
+        for location, conversion in changes.items():
+            before = self._conversions.get(location)
+            if before is conversion:
                 continue
-            problems.append(
-                error(
+            if conversion is None:
+                del self._conversions[location]
+            else:
+                self._conversions[location] = conversion
+            affected.update(self._reclaim(location, before, conversion))
+        if not affected:
+            return self.mesh
+
+        keys: set[ServiceKey] = set()
+        problems_moved = False
+        for oid in affected:
+            claims = self._claims.get(oid)
+            winner = claims[0][2] if claims else None
+            served = self._served.pop(oid, None)
+            if served is not winner:
+                if served is not None:
+                    keys.add(served.service_key)
+                    self._unserve(served)
+                if winner is not None:
+                    keys.add(winner.service_key)
+                    self._serve(winner)
+                    self._served[oid] = winner
+            elif winner is not None:
+                self._served[oid] = winner
+            problems_moved |= self._recheck_duplicates(oid, claims)
+
+        entries: dict[ServiceKey, ServiceEntry | None] = {}
+        for key in keys:
+            entries[key] = self._entry(key)
+            problems_moved |= self._recheck_orphans(key)
+        if problems_moved:
+            self._problems = self._collect_problems()
+        if not self.mesh and any(e is not None for e in entries.values()):
+            # A first build: one table, no history worth keeping.
+            self.mesh = Mesh({k: e for k, e in entries.items() if e is not None})
+        else:
+            self.mesh = self.mesh.derive(entries)
+        return self.mesh
+
+    def _reclaim(
+        self, location: str, before: Converted | None, after: Converted | None
+    ) -> Iterator[ObjectId]:
+        """Replace the claims of `location`; yield the ids whose claims from it changed."""
+        old = _claims_by_id(before)
+        new = _claims_by_id(after)
+        for oid in old.keys() | new.keys():
+            mine = new.get(oid)
+            # Compared by identity first (tuples do): unchanged objects cost a pointer comparison.
+            if old.get(oid) == mine:
+                continue
+            others = [c for c in self._claims.get(oid, ()) if c[0] != location]
+            if mine is not None:
+                others.extend((location, position, obj) for position, obj in mine)
+                others.sort(key=_precedence)
+            if others:
+                self._claims[oid] = others
+            else:
+                self._claims.pop(oid, None)
+            yield oid
+
+    def _serve(self, obj: ManifestObject) -> None:
+        if obj.service is not None:
+            self._services[obj.service_key] = obj.service
+        else:
+            table = self._feeders[_SLICES if obj.id.kind == "EndpointSlice" else _ENDPOINTS]
+            table.setdefault(obj.service_key, {})[obj.id] = obj
+
+    def _unserve(self, obj: ManifestObject) -> None:
+        if obj.service is not None:
+            del self._services[obj.service_key]
+            return
+        table = self._feeders[_SLICES if obj.id.kind == "EndpointSlice" else _ENDPOINTS]
+        feeding = table[obj.service_key]
+        del feeding[obj.id]
+        if not feeding:
+            del table[obj.service_key]
+
+    def _recheck_duplicates(self, oid: ObjectId, claims: list[_Claim] | None) -> bool:
+        """Recompute the errors of the objects `oid`'s winner beats; return whether they moved."""
+        found: list[tuple[tuple[str, int], Problem]] = []
+        if claims is not None and len(claims) > 1:
+            first = claims[0][2]
+            for location, position, obj in claims[1:]:
+                problem = error(
                     str(obj.id),
                     "metadata.name",
                     f"is defined again (first at {first.location}, which is served); "
                     "this one is ignored",
                     obj.location,
                 )
-            )
-
-    services: dict[ServiceKey, Service] = {}
-    slices: dict[ServiceKey, list[ManifestObject]] = {}
-    endpoints: dict[ServiceKey, list[ManifestObject]] = {}
-    for obj in served.values():
-        if obj.service is not None:
-            services[obj.service_key] = obj.service
-        elif obj.id.kind == "EndpointSlice":
-            slices.setdefault(obj.service_key, []).append(obj)
+                found.append(((location, position), problem))
+        before = self._duplicates.get(oid, [])
+        if found == before:
+            return False
+        if found:
+            self._duplicates[oid] = found
         else:
-            endpoints.setdefault(obj.service_key, []).append(obj)
+            del self._duplicates[oid]
+        return True
 
-    for feeders, field_path in (
-        (slices, f'metadata.labels["{SERVICE_NAME_LABEL}"]'),
-        (endpoints, "metadata.name"),
-    ):
-        for key in sorted(feeders.keys() - services.keys()):
-            for obj in sorted(feeders[key], key=lambda o: o.id):
-                problems.append(
-                    warning(
-                        str(obj.id),
-                        field_path,
-                        f"matches no Service (looked for Service {key})",
-                        obj.location,
-                    )
-                )
-
-    entries: dict[ServiceKey, ServiceEntry] = {}
-    for key, service in services.items():
-        feeding = slices.get(key) or endpoints.get(key) or []
+    def _entry(self, key: ServiceKey) -> ServiceEntry | None:
+        service = self._services.get(key)
+        if service is None:
+            return None
+        feeding = self._feeders[_SLICES].get(key) or self._feeders[_ENDPOINTS].get(key) or {}
         # Sorted by id rather than by location, so that moving an object to another file does not
         # change the entry and make translation redo the Service.
-        groups = tuple(g for obj in sorted(feeding, key=lambda o: o.id) for g in obj.groups)
-        entries[key] = ServiceEntry(service, groups)
-    return Mesh(entries), problems
+        groups = tuple(g for oid in sorted(feeding) for g in feeding[oid].groups)
+        return ServiceEntry(service, groups)
+
+    def _recheck_orphans(self, key: ServiceKey) -> bool:
+        """Recompute the warnings of endpoint objects for `key` that feed no Service; return
+        whether they moved."""
+        moved = False
+        for table, orphans, field_path in (
+            (self._feeders[_SLICES], self._orphans[_SLICES], _LABEL_PATH),
+            (self._feeders[_ENDPOINTS], self._orphans[_ENDPOINTS], "metadata.name"),
+        ):
+            feeding = {} if key in self._services else table.get(key, {})
+            found = tuple(
+                warning(
+                    str(oid),
+                    field_path,
+                    f"matches no Service (looked for Service {key})",
+                    feeding[oid].location,
+                )
+                for oid in sorted(feeding)
+            )
+            if found == orphans.get(key, ()):
+                continue
+            moved = True
+            if found:
+                orphans[key] = found
+            else:
+                del orphans[key]
+        return moved
+
+    def _collect_problems(self) -> tuple[Problem, ...]:
+        # Few problems as a rule: sorting them on a change that moved one is cheap.
+        duplicates = sorted(
+            (item for found in self._duplicates.values() for item in found),
+            key=lambda item: item[0],
+        )
+        return (
+            *(problem for _, problem in duplicates),
+            *(p for key in sorted(self._orphans[_SLICES]) for p in self._orphans[_SLICES][key]),
+            *(
+                p
+                for key in sorted(self._orphans[_ENDPOINTS])
+                for p in self._orphans[_ENDPOINTS][key]
+            ),
+        )
+
+
+_LABEL_PATH = f'metadata.labels["{SERVICE_NAME_LABEL}"]'
+
+
+def _claims_by_id(conversion: Converted | None) -> dict[ObjectId, list[tuple[int, ManifestObject]]]:
+    claims: dict[ObjectId, list[tuple[int, ManifestObject]]] = {}
+    if conversion is not None:
+        for position, obj in enumerate(conversion.objects):
+            claims.setdefault(obj.id, []).append((position, obj))
+    return claims
+
+
+def _precedence(claim: _Claim) -> tuple[str, int]:
+    return claim[0], claim[1]
 
 
 def nothing_to_serve(converted: Iterable[Converted]) -> Problem:
