@@ -31,23 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeAlias
 
+from xds._pb.envoy.service.discovery.v3 import discovery_pb2
+from xds.cache import Cache, Changes, SnapshotLike
+from xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource, encode_len_field
+from xds.server.delta import DeltaResponse, DeltaStream
+from xds.server.index import SubscriptionIndex
+from xds.server.sotw import Response, SotwStream
+from xds.server.stream import SHARED
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import MAX_CHANGES, bounded, machine  # noqa: E402
-
-from xds._pb.envoy.service.discovery.v3 import discovery_pb2  # noqa: E402
-from xds.cache import Cache, Changes, SnapshotLike  # noqa: E402
-from xds.resources import (  # noqa: E402
-    CLUSTER,
-    ENDPOINT,
-    LISTENER,
-    ROUTE,
-    Resource,
-    encode_len_field,
-)
-from xds.server.delta import DeltaResponse, DeltaStream  # noqa: E402
-from xds.server.index import SubscriptionIndex  # noqa: E402
-from xds.server.sotw import Response, SotwStream  # noqa: E402
-from xds.server.stream import SHARED  # noqa: E402
 
 Stream: TypeAlias = SotwStream | DeltaStream
 AnyResponse: TypeAlias = Response | DeltaResponse

@@ -12,13 +12,13 @@ import sys
 import time
 from pathlib import Path
 
+from xds.cache import Snapshot
+from xds.resources import CLUSTER, Resource
+from xds.server.sotw import Response
+from xds.server.tracing import PushTraces
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import bounded, machine  # noqa: E402
-
-from xds.cache import Snapshot  # noqa: E402
-from xds.resources import CLUSTER, Resource  # noqa: E402
-from xds.server.sotw import Response  # noqa: E402
-from xds.server.tracing import PushTraces  # noqa: E402
 
 
 def per_push_ns(pushes: int, traced: bool) -> float:
