@@ -6,12 +6,16 @@ Property-style: random sequences of location updates, seeded so a failure replay
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from xds.model import Mesh, ServiceKey
+from xds.sources.files import ManifestSource
 from xds.sources.manifests import (
     SERVICE_NAME_LABEL,
     Assembly,
@@ -23,6 +27,7 @@ from xds.sources.manifests import (
 LOCATIONS = ("a.yaml", "b.yaml", "c/d.yaml", "e.json", "api/v1/services/x")
 NAMES = ("web", "api", "db")
 NAMESPACES = ("default", "prod")
+TIMEOUT_S = 5.0
 
 
 def random_document(rng: random.Random) -> dict[str, Any]:
@@ -129,3 +134,68 @@ def test_a_change_to_one_location_changes_only_the_keys_it_touches():
     third = assembly.update({"one.yaml": convert_documents([service("s200")], "one.yaml")})
     assert third.changed == {ServiceKey("default", "s200")}
     assert assembly.update({"one.yaml": None}).changed == {ServiceKey("default", "s200")}
+
+
+# The manifest-file source.
+
+
+def service_yaml(name: str, port: int = 80) -> str:
+    return (
+        f"apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n"
+        f"spec:\n  ports:\n  - port: {port}\n"
+    )
+
+
+def test_a_file_change_derives_a_mesh_whose_changes_are_that_files_services(tmp_path: Path):
+    a = tmp_path / "a.yaml"
+    a.write_text(service_yaml("a1") + "---\n" + service_yaml("a2"))
+    b = tmp_path / "b.yaml"
+    b.write_text(service_yaml("b1"))
+    source = ManifestSource([tmp_path])
+    source.reload()
+    first = source.mesh()
+    a.write_text(service_yaml("a1") + "---\n" + service_yaml("a2", port=81))
+    source.reload([a])
+    second = source.mesh()
+    assert second.parent == first.generation
+    assert second.changed == {ServiceKey("default", "a2")}
+
+    # Two updates before the mesh is asked for again: one mesh, derived from the one handed out.
+    a.write_text(service_yaml("a1", port=82) + "---\n" + service_yaml("a2", port=81))
+    source.reload([a])
+    b.unlink()
+    source.reload([b])
+    third = source.mesh()
+    assert third.parent == second.generation
+    assert third.changed == {ServiceKey("default", "a1"), ServiceKey("default", "b1")}
+    assert source.mesh() is third
+
+
+@pytest.mark.asyncio
+async def test_a_watch_event_is_read_when_the_mesh_is_asked_for_not_on_the_event_loop(
+    tmp_path: Path,
+):
+    web = tmp_path / "web.yaml"
+    web.write_text(service_yaml("web"))
+    source = ManifestSource([tmp_path])
+    source.reload()
+    before = source.mesh()
+    read, converted = source.files_read, source.converted_documents
+    notified = asyncio.Event()
+    ready = asyncio.Event()
+    watching = asyncio.create_task(source.watch(notified.set, ready.set))
+    try:
+        await asyncio.wait_for(ready.wait(), TIMEOUT_S)
+        web.write_text(service_yaml("web", port=81))
+        await asyncio.wait_for(notified.wait(), TIMEOUT_S)
+        # The event loop only recorded the path: nothing was read or converted yet.
+        assert (source.files_read, source.converted_documents) == (read, converted)
+        after = await asyncio.to_thread(source.mesh)
+        assert source.files_read > read and source.converted_documents == converted + 1
+        assert after.parent == before.generation
+        assert after.changed == {ServiceKey("default", "web")}
+        assert after.entries[ServiceKey("default", "web")].service.ports[0].port == 81
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching

@@ -12,7 +12,12 @@ and never watched.
 
 A file that cannot be read or parsed keeps its last good content in service; an object that turns
 invalid keeps its last good version (see `manifests.convert_documents`). A change re-reads only the
-files it touched.
+files it touched, and joins only their conversions into the mesh (`manifests.Assembly`).
+
+A watch event only records the paths it names: reading, parsing, converting and joining happen when
+`mesh()` is asked for, which the control plane does after its debounce in a worker thread, so the
+event loop never waits for a big file. A lock keeps the files, the assembly and the problems
+consistent between that thread, the event loop and `reload()`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import logging
 import os
 import stat
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +37,11 @@ from pathlib import Path
 import watchfiles
 import yaml
 
-from xds.model import Mesh, Problem, error
+from xds.model import Mesh, Problem, ServiceKey, error
 from xds.sources.manifests import (
     KEEPING,
+    Assembly,
     Converted,
-    assemble,
     convert_documents,
     nothing_to_serve,
 )
@@ -103,24 +109,48 @@ class ManifestSource:
                 roots.append(_Root(given, Path(os.path.abspath(given))))
         self._roots = tuple(roots)
         self._streams = tuple(streams.values())
+        # Held while the files, the assembly and what is published change.
+        self._lock = threading.Lock()
         self._files: dict[Path, _File] = {}
         self._missing: tuple[Problem, ...] = ()
-        self._mesh = Mesh()
+        self._assembly = Assembly()
         self._assembly_problems: list[Problem] = []
+        # The problems of the files that have some, by location: few, so sorted on each change.
+        self._file_problems: dict[str, tuple[Problem, ...]] = {}
+        # What problems() answers: replaced whole, so a reader without the lock sees one state.
+        self._published: tuple[Problem, ...] = ()
         self._logged: set[Problem] = set()
+        # Paths named by watch events and not read yet. Their own lock, held only to add or take
+        # them: the event loop records events while a worker thread holds `_lock` to read files.
+        self._pending: set[Path] = set()
+        self._pending_lock = threading.Lock()
+        # The mesh last handed out by mesh(), and the keys changed since (None: unknown), so that
+        # what it hands out next is derived from it even when several updates came in between.
+        self._handed = self._assembly.mesh
+        self._since: set[ServiceKey] | None = set()
+        # What changes cost (tests, metrics): files read, and YAML or JSON documents converted.
+        self.files_read = 0
+        self.converted_documents = 0
 
     def mesh(self) -> Mesh:
-        """Every Service, from the last good content of every file."""
-        return self._mesh
+        """Every Service, from the last good content of every file, once the paths watch events
+        named are read: call it off the event loop when events may be pending."""
+        with self._lock:
+            self._apply_pending()
+            return self._hand_out()
 
     def problems(self) -> list[Problem]:
-        """The current problems: missing paths, each file's (by location), then the joining's."""
-        per_file = (p for f in sorted(self._all_files(), key=_by_location) for p in f.problems)
-        return [*self._missing, *per_file, *self._assembly_problems]
+        """The current problems: missing paths, each file's (by location), then the joining's.
 
-    def _all_files(self) -> Iterator[_File]:
-        yield from self._files.values()
-        yield from (stream.file for stream in self._streams)
+        Changes recorded by watch events are applied first unless another thread is applying them
+        right now; then the problems of the mesh last built are returned without waiting for it.
+        """
+        if self._pending and self._lock.acquire(blocking=False):
+            try:
+                self._apply_pending()
+            finally:
+                self._lock.release()
+        return list(self._published)
 
     def reload(self, changed: Iterable[Path] | None = None) -> list[Problem]:
         """Re-read the files at or under the `changed` paths, or every file when None.
@@ -129,15 +159,50 @@ class ManifestSource:
         those of joining all files into a Mesh (which any file can cause). Streams are read at the
         first full reload, and kept after.
         """
-        if changed is None:
-            touched, _ = self._refresh([r.path for r in self._roots], force_all=True)
-        else:
-            paths = [Path(os.path.abspath(p)) for p in changed]
-            touched, _ = self._refresh(paths, force_all=False)
-        files = [self._files[path] for path in sorted(touched) if path in self._files]
-        if changed is None:
-            files += [stream.file for stream in self._streams]
-        return [*self._missing, *(p for f in files for p in f.problems), *self._assembly_problems]
+        with self._lock:
+            if changed is None:
+                with self._pending_lock:
+                    self._pending.clear()  # every file is read now
+                touched, _ = self._refresh([r.path for r in self._roots], force_all=True)
+            else:
+                paths = [Path(os.path.abspath(p)) for p in changed]
+                touched, _ = self._refresh(paths, force_all=False)
+            files = [self._files[path] for path in sorted(touched) if path in self._files]
+            if changed is None:
+                files += [stream.file for stream in self._streams]
+            return [
+                *self._missing,
+                *(p for f in files for p in f.problems),
+                *self._assembly_problems,
+            ]
+
+    def _record(self, paths: Iterable[Path]) -> None:
+        with self._pending_lock:
+            self._pending.update(paths)
+
+    def _apply_pending(self) -> None:
+        """Read what watch events named since the last time (the caller holds `_lock`)."""
+        with self._pending_lock:
+            paths, self._pending = self._pending, set()
+        if paths:
+            self._refresh(sorted(Path(os.path.abspath(p)) for p in paths))
+
+    def _catch_up(self) -> bool:
+        with self._lock:
+            return self._refresh([r.path for r in self._roots], catch_up=True)[1]
+
+    def _hand_out(self) -> Mesh:
+        current = self._assembly.mesh
+        handed = self._handed
+        if current is not handed and current.parent != handed.generation and self._since:
+            # Updated more than once since the last hand-out (problems() or the catch-up applied
+            # a change first): one mesh derived from the handed one lets translation still look
+            # at the changed keys only.
+            current = handed.derive({key: current.get(key) for key in self._since})
+            self._assembly.mesh = current
+        self._handed = current
+        self._since = set()
+        return current
 
     async def watch(
         self, notify: Callable[[], None], on_ready: Callable[[], None] | None = None
@@ -165,8 +230,8 @@ class ManifestSource:
                     # Each pump's first step creates its inotify watches before it awaits anything,
                     # and a new task runs before this one resumes: after this, nothing is missed.
                     await asyncio.sleep(0)
-                    _, changed = self._refresh([r.path for r in self._roots], catch_up=True)
-                    if changed:
+                    # Off the loop: the catch-up looks at the metadata of every file.
+                    if await asyncio.to_thread(self._catch_up):
                         notify()
                     if on_ready is not None:
                         on_ready()
@@ -179,7 +244,7 @@ class ManifestSource:
                     plan = None
                     await asyncio.sleep(WATCH_RETRY_S)
                     continue
-                self.reload(batch)
+                self._record(batch)
                 notify()
         finally:
             await _stop(pumps)
@@ -202,6 +267,9 @@ class ManifestSource:
             for file, named in self._candidates(path):
                 forced = force_all or (named and not catch_up)
                 candidates[file] = candidates.get(file, False) or forced
+        # What each file looked at held before: its conversion is joined again only if replaced.
+        before = {path: (f, f.converted) for path in candidates if (f := self._files.get(path))}
+        streams_before = [stream.file.converted for stream in self._streams]
         changed = False
         if force_all:
             for stream in self._streams:
@@ -210,14 +278,44 @@ class ManifestSource:
             changed |= self._load(file, forced)
         changed |= self._check_roots()
         if changed:
-            converted = [f.converted for f in self._all_files() if f.converted is not None]
-            self._mesh, self._assembly_problems = assemble(converted)
-            if not self._mesh and not any(p.severity == "error" for p in self.problems()):
-                # Valid input that yields nothing (a chart of Deployments, an empty pipe) would
-                # otherwise look like a control plane that ignored it.
-                self._assembly_problems.append(nothing_to_serve(converted))
-            self._log_problems()
+            changes: dict[str, Converted | None] = {}
+            for path in candidates:
+                old, converted = before.get(path, (None, None))
+                now = self._files.get(path)
+                if now is None:
+                    if old is not None:  # removed
+                        changes[old.location] = None
+                        self._file_problems.pop(old.location, None)
+                    continue
+                if old is None or now.converted is not converted:
+                    changes[now.location] = now.converted
+                self._note_problems(now)
+            if force_all:
+                for stream, converted in zip(self._streams, streams_before, strict=True):
+                    if stream.file.converted is not converted:
+                        changes[stream.file.location] = stream.file.converted
+                    self._note_problems(stream.file)
+            self._update(changes)
         return set(candidates), changed
+
+    def _update(self, changes: dict[str, Converted | None]) -> None:
+        """Join the changed conversions into the mesh and publish the problems (under `_lock`)."""
+        previous = self._assembly.mesh
+        mesh = self._assembly.update(changes)
+        if mesh is not previous and self._since is not None:
+            if mesh.parent == previous.generation:
+                self._since.update(mesh.changed)
+            else:
+                self._since = None
+        self._assembly_problems = list(self._assembly.problems)
+        current = self._current_problems()
+        if not mesh and not any(p.severity == "error" for p in current):
+            # Valid input that yields nothing (a chart of Deployments, an empty pipe) would
+            # otherwise look like a control plane that ignored it.
+            self._assembly_problems.append(nothing_to_serve(self._assembly.conversions.values()))
+            current = self._current_problems()
+        self._published = tuple(current)
+        self._log_problems()
 
     def _candidates(self, path: Path) -> Iterator[tuple[Path, bool]]:
         """The files a change at `path` may concern, each with whether `path` names it exactly."""
@@ -280,6 +378,7 @@ class ManifestSource:
             return False
         data = b""
         read_error: OSError | None = None
+        self.files_read += 1
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -326,6 +425,7 @@ class ManifestSource:
             docs = _parse(data, json_file=json_file)
         except (yaml.YAMLError, ValueError, RecursionError) as exc:
             return self._failed(file, _parse_error(exc, json_file))
+        self.converted_documents += len(docs)
         file.converted = convert_documents(docs, file.location, previous=file.converted)
         file.problems = file.converted.problems
         return True
@@ -353,8 +453,20 @@ class ManifestSource:
         self._missing = missing
         return changed
 
+    def _note_problems(self, file: _File) -> None:
+        if file.problems:
+            self._file_problems[file.location] = file.problems
+        else:
+            self._file_problems.pop(file.location, None)
+
+    def _current_problems(self) -> list[Problem]:
+        per_file = (
+            p for location in sorted(self._file_problems) for p in self._file_problems[location]
+        )
+        return [*self._missing, *per_file, *self._assembly_problems]
+
     def _log_problems(self) -> None:
-        current = self.problems()
+        current = self._published
         for problem in current:
             if problem not in self._logged:
                 log.log(problem.level, "%s", problem)
@@ -414,7 +526,8 @@ class ManifestSource:
             if relative.name.endswith(MANIFEST_SUFFIXES) or path.is_dir():
                 return True
             # A directory that is gone: relevant when files were read from it.
-            if any(path in known.parents for known in self._files):
+            # A copy: a worker thread may be changing the files while the loop filters events.
+            if any(path in known.parents for known in tuple(self._files)):
                 return True
         return False
 
@@ -465,10 +578,6 @@ def _parse_error(exc: Exception, json_file: bool) -> str:
     if isinstance(exc, RecursionError):
         return "is nested too deeply to parse"
     return f"is not valid {'JSON' if json_file else 'YAML'}: {exc}"
-
-
-def _by_location(file: _File) -> str:
-    return file.location
 
 
 def _group(plan: frozenset[tuple[Path, bool]]) -> list[tuple[list[Path], bool]]:
