@@ -8,6 +8,11 @@ the informer's objects, so objects deleted meanwhile disappear and none is appli
 request has a read timeout, so a connection that goes silent without closing is noticed and
 resumed. Errors back off exponentially with jitter. What the objects mean is
 `xds.sources.manifests`' business: this module owns only talking to the API server.
+
+Informers report which objects changed (a relist: those whose resourceVersion differs, and those
+gone); the source only records them and wakes the event loop. The objects are converted and joined
+into the mesh when `mesh()` is asked for, after the control plane's debounce and in its worker
+thread, and only the recorded ones: a change costs what it touched, on no thread the loop waits for.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -27,7 +32,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from xds.model import Mesh, Problem
-from xds.sources.manifests import Converted, assemble, convert_documents
+from xds.sources.manifests import Assembly, Converted, convert_documents
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +121,17 @@ def api_client(settings: KubeSettings) -> client.ApiClient:
     raise ValueError(f"cannot configure the Kubernetes client {'; nor '.join(failures)}")
 
 
+# An object's (namespace, name).
+_Key = tuple[str, str]
+
+
 class Informer:
-    """One resource kind in one namespace (or all): a thread keeping `objects` current."""
+    """One resource kind in one namespace (or all): a thread keeping `objects` current.
+
+    `on_change(informer, keys, listed)` is called from the informer's thread after each change
+    with the keys of the objects that changed; `listed` is True after a list, which replaces the
+    objects (the keys are then every one that differs from before).
+    """
 
     def __init__(
         self,
@@ -125,7 +139,7 @@ class Informer:
         kind: _Kind,
         namespace: str | None,
         settings: KubeSettings,
-        on_change: Callable[[Informer], None],
+        on_change: Callable[[Informer, Collection[_Key], bool], None],
         on_relist: Callable[[str], None] | None = None,
     ) -> None:
         self.kind = kind
@@ -150,6 +164,11 @@ class Informer:
     def snapshot(self) -> list[tuple[tuple[str, str], dict[str, Any]]]:
         with self._lock:
             return list(self.objects.items())
+
+    def get(self, key: _Key) -> dict[str, Any] | None:
+        """The object at `key` (namespace, name) now, or None."""
+        with self._lock:
+            return self.objects.get(key)
 
     def stop(self) -> None:
         self._stop.set()
@@ -194,17 +213,28 @@ class Informer:
         self.lists += 1
         if self._on_relist is not None:
             self._on_relist(self.kind.resource)
-        objects = {}
+        with self._lock:
+            before = self.objects
+        objects: dict[_Key, dict[str, Any]] = {}
+        changed: list[_Key] = []
         for item in body.get("items") or []:
-            item = self._typed(item)
             metadata = item.get("metadata") or {}
-            objects[(metadata.get("namespace", ""), metadata.get("name", ""))] = item
+            key = (metadata.get("namespace", ""), metadata.get("name", ""))
+            old = before.get(key)
+            version = metadata.get("resourceVersion")
+            if old is not None and version and _version(old) == version:
+                # Unchanged while we were away: the same object, so nothing downstream redoes it.
+                objects[key] = old
+                continue
+            objects[key] = self._typed(item)
+            changed.append(key)
+        changed.extend(key for key in before if key not in objects)
         with self._lock:
             # A relist replaces the state: what was deleted while we were away is gone now.
             self.objects = objects
             self.resource_version = (body.get("metadata") or {}).get("resourceVersion", "")
         self.synced.set()
-        self._on_change(self)
+        self._on_change(self, changed, True)
 
     def _watch_once(self) -> None:
         self._watch = current = watch.Watch()
@@ -237,11 +267,15 @@ class Informer:
                     self.objects[key] = item
                 if version:
                     self.resource_version = version
-            self._on_change(self)
+            self._on_change(self, (key,), False)
 
     def _typed(self, item: dict[str, Any]) -> dict[str, Any]:
         # List items come without kind and apiVersion; the converter needs them.
         return {**item, "kind": self.kind.kind, "apiVersion": self.kind.api_version}
+
+
+def _version(obj: dict[str, Any]) -> object:
+    return (obj.get("metadata") or {}).get("resourceVersion")
 
 
 def _list_function(api: client.ApiClient, kind: _Kind, namespace: str | None) -> Callable[..., Any]:
@@ -295,13 +329,26 @@ class KubeSource:
         self._on_relist = on_relist
         self.informers: list[Informer] = []
         self._threads: list[threading.Thread] = []
+        # Held while objects are converted and joined (mesh(), from any thread).
+        self._lock = threading.Lock()
         # (resource, namespace, name) -> (the API object, its conversion)
         self._converted: dict[tuple[str, str, str], tuple[dict[str, Any], Converted]] = {}
-        self._mesh = Mesh()
-        self._problems: list[Problem] = []
+        self._assembly = Assembly()
+        # The problems of the objects that have some, by location.
+        self._object_problems: dict[str, tuple[Problem, ...]] = {}
+        # What problems() answers: replaced whole, so a reader without the lock sees one state.
+        self._problems: tuple[Problem, ...] = ()
         self._logged: set[Problem] = set()
+        # The objects informers reported changed and mesh() has not converted yet, and the
+        # informers that have listed: their own lock, held only to add or take, because informer
+        # threads and the event loop must not wait while mesh() converts.
+        self._pending: dict[tuple[str, str, str], Informer] = {}
+        self._listed: set[Informer] = set()
+        self._pending_lock = threading.Lock()
         self.synced = asyncio.Event()
         self.events = 0
+        # Objects converted: what changes cost (tests, metrics).
+        self.converted_objects = 0
 
     def connect(self) -> client.ApiClient:
         """Loads the client configuration once: called at start, so a missing one fails early."""
@@ -310,10 +357,24 @@ class KubeSource:
         return self._api
 
     def mesh(self) -> Mesh:
-        return self._mesh
+        """Every Service, with the objects informers reported changed converted and joined: call it
+        off the event loop. Empty until every informer has listed once, since a partial first
+        mesh would remove the routes of what is not listed yet."""
+        with self._lock:
+            with self._pending_lock:
+                if not self._all_listed():
+                    return self._assembly.mesh
+                pending, self._pending = self._pending, {}
+            if pending:
+                self._apply(pending)
+            return self._assembly.mesh
 
     def problems(self) -> list[Problem]:
+        """The problems of the mesh last built (cheap: nothing is converted here)."""
         return list(self._problems)
+
+    def _all_listed(self) -> bool:
+        return bool(self.informers) and len(self._listed) == len(self.informers)
 
     async def watch(self, notify: Callable[[], None]) -> None:
         """Runs the informers until cancelled; `notify` after every change once synced."""
@@ -325,7 +386,13 @@ class KubeSource:
         kinds = (SERVICES, ENDPOINT_SLICES if slices else ENDPOINTS)
         namespaces: tuple[str | None, ...] = self.settings.namespaces or (None,)
 
-        def changed(_: Informer) -> None:
+        def changed(informer: Informer, keys: Collection[tuple[str, str]], listed: bool) -> None:
+            resource = informer.kind.resource
+            with self._pending_lock:
+                for namespace, name in keys:
+                    self._pending[(resource, namespace, name)] = informer
+                if listed:
+                    self._listed.add(informer)
             loop.call_soon_threadsafe(self._changed, notify)
 
         self.informers = [
@@ -359,29 +426,51 @@ class KubeSource:
 
     def _changed(self, notify: Callable[[], None]) -> None:
         self.events += 1
-        if not all(i.synced.is_set() for i in self.informers):
-            return  # the first snapshot waits for every list: a partial one would remove routes
-        self._rebuild_mesh()
+        with self._pending_lock:
+            if not self._all_listed():
+                return  # the first mesh waits for every list: a partial one would remove routes
         if not self.synced.is_set():
             self.synced.set()
         notify()
 
-    def _rebuild_mesh(self) -> None:
-        converted: dict[tuple[str, str, str], tuple[dict[str, Any], Converted]] = {}
-        for informer in self.informers:
-            for (namespace, name), obj in informer.snapshot():
-                key = (informer.kind.resource, namespace, name)
-                previous = self._converted.get(key)
-                if previous is not None and previous[0] is obj:
-                    converted[key] = previous  # unchanged since the last rebuild
-                    continue
-                location = f"{informer.kind.resource}/{namespace}/{name}"
-                last = previous[1] if previous is not None else None
-                converted[key] = (obj, convert_documents([obj], location, previous=last))
-        self._converted = converted
-        results = [result for _, result in converted.values()]
-        self._mesh, assembly_problems = assemble(results)
-        self._problems = [p for c in results for p in c.problems] + assembly_problems
-        for problem in set(self._problems) - self._logged:
-            log.log(problem.level, "%s", problem)
-        self._logged = set(self._problems)
+    def _apply(self, pending: dict[tuple[str, str, str], Informer]) -> None:
+        """Convert the objects at the `pending` keys as they are now and join them (under
+        `_lock`)."""
+        changes: dict[str, Converted | None] = {}
+        for key, informer in pending.items():
+            resource, namespace, name = key
+            location = f"{resource}/{namespace}/{name}"
+            obj = informer.get((namespace, name))
+            previous = self._converted.get(key)
+            if obj is None:
+                if previous is not None:
+                    del self._converted[key]
+                    changes[location] = None
+                    self._object_problems.pop(location, None)
+                continue
+            if previous is not None and previous[0] is obj:
+                continue  # reported, but the same object (a relist that found it unchanged)
+            last = previous[1] if previous is not None else None
+            conversion = convert_documents([obj], location, previous=last)
+            self.converted_objects += 1
+            self._converted[key] = (obj, conversion)
+            changes[location] = conversion
+            if conversion.problems:
+                self._object_problems[location] = conversion.problems
+            else:
+                self._object_problems.pop(location, None)
+        self._assembly.update(changes)
+        problems = (
+            *(
+                p
+                for location in sorted(self._object_problems)
+                for p in self._object_problems[location]
+            ),
+            *self._assembly.problems,
+        )
+        if problems != self._problems:
+            self._problems = problems
+            current = set(problems)
+            for problem in current - self._logged:
+                log.log(problem.level, "%s", problem)
+            self._logged = current
