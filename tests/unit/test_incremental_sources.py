@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from xds.model import Mesh, ServiceKey
 from xds.sources.files import ManifestSource
@@ -22,6 +23,7 @@ from xds.sources.manifests import (
     Converted,
     assemble,
     convert_documents,
+    nothing_to_serve,
 )
 
 LOCATIONS = ("a.yaml", "b.yaml", "c/d.yaml", "e.json", "api/v1/services/x")
@@ -199,3 +201,76 @@ async def test_a_watch_event_is_read_when_the_mesh_is_asked_for_not_on_the_event
         watching.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watching
+
+
+def test_an_edit_to_one_document_of_a_big_file_converts_that_document_only(tmp_path: Path):
+    path = tmp_path / "all.yaml"
+    docs = [service_yaml(f"s{i}") for i in range(1000)]
+    path.write_text("---\n".join(docs))
+    source = ManifestSource([tmp_path])
+    source.reload()
+    first = source.mesh()
+    assert len(first) == 1000 and source.converted_documents == 1000
+
+    docs[500] = service_yaml("s500", port=81)
+    path.write_text("---\n".join(docs))
+    source.reload([path])
+    second = source.mesh()
+    assert source.converted_documents == 1001
+    assert second.changed == {ServiceKey("default", "s500")}
+
+    # A document inserted near the top moves every one after it: they are not converted again,
+    # and their locations follow them.
+    docs.insert(1, service_yaml("new", port=0))
+    path.write_text("---\n".join(docs))
+    (problem,) = source.reload([path])
+    assert source.converted_documents == 1002
+    assert problem.location == f"{path}#1"
+    assert source.mesh() is second  # no Service changed
+    docs[1000] = service_yaml("s999", port=0)
+    path.write_text("---\n".join(docs))
+    assert [p.location for p in source.reload([path])] == [f"{path}#1", f"{path}#1000"]
+    assert source.converted_documents == 1003
+
+
+EDITS = (
+    service_yaml("a"),
+    service_yaml("a", port=81),
+    service_yaml("a", port=0),  # invalid: keeps the last good version of Service a
+    service_yaml("b"),
+    service_yaml("b", port=99999),
+    "# only a comment\n",
+    "",
+    "apiVersion: v1\nkind: List\nitems:\n- " + service_yaml("c").replace("\n", "\n  ").rstrip(),
+    "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: d\n",
+    "apiVersion: v1\nkind: Service\nmetadata:\n  name: e\nspec:\n  ports:\n  - port: |\n      80\n",
+    "--- |\n  a block scalar\n",
+    "kind: [Service\n",  # not YAML: the whole file keeps its last good content
+)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_documents_converted_one_by_one_are_the_whole_file_converted(tmp_path: Path, seed: int):
+    rng = random.Random(seed)
+    path = tmp_path / "mesh.yaml"
+    source = ManifestSource([path])
+    reference: Converted | None = None
+    for step in range(30):
+        texts = [rng.choice(EDITS) for _ in range(rng.randrange(0, 8))]
+        text = "".join(t if t.startswith("---") else "---\n" + t for t in texts)
+        if rng.random() < 0.3:
+            text = text.removeprefix("---\n")  # a first document without a marker
+        path.write_text(text)
+        source.reload([path])
+        try:
+            docs = list(yaml.load_all(text, Loader=yaml.SafeLoader))
+        except yaml.YAMLError:
+            continue  # the last good content stays: checked by test_files
+        reference = convert_documents(docs, str(path), previous=reference)
+        mesh, joined = assemble([reference])
+        context = f"seed {seed}, step {step}: {text!r}"
+        assert entries(source.mesh()) == entries(mesh), context
+        expected = [*reference.problems, *joined]
+        if not mesh and not any(p.severity == "error" for p in expected):
+            expected.append(nothing_to_serve([reference]))
+        assert source.problems() == expected, context

@@ -27,11 +27,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import stat
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import watchfiles
@@ -42,7 +43,9 @@ from xds.sources.manifests import (
     KEEPING,
     Assembly,
     Converted,
-    convert_documents,
+    ConvertedDocument,
+    convert_document,
+    join_documents,
     nothing_to_serve,
 )
 
@@ -83,6 +86,8 @@ class _File:
     # The last good conversion (what is served) and the problems of the last read.
     converted: Converted | None = None
     problems: tuple[Problem, ...] = ()
+    # The converted documents of the last good content, by the digest of their text (see _split).
+    documents: dict[bytes, list[ConvertedDocument]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -422,13 +427,54 @@ class ManifestSource:
             return False
         file.digest = digest
         try:
-            docs = _parse(data, json_file=json_file)
+            documents = self._documents(file, data, json_file)
         except (yaml.YAMLError, ValueError, RecursionError) as exc:
             return self._failed(file, _parse_error(exc, json_file))
-        self.converted_documents += len(docs)
-        file.converted = convert_documents(docs, file.location, previous=file.converted)
+        file.converted = join_documents(documents, file.location, previous=file.converted)
         file.problems = file.converted.problems
         return True
+
+    def _documents(self, file: _File, data: bytes, json_file: bool) -> list[ConvertedDocument]:
+        """The converted documents of `data`: those whose text `file` held before are reused, so
+        an edit to one document of a big file parses and converts that document only."""
+        chunks = None if json_file else _split(data)
+        parsed: dict[bytes, list[object]] = {}
+        keys: list[bytes] = []
+        for chunk in chunks or ():
+            key = hashlib.blake2b(chunk, digest_size=16).digest()
+            keys.append(key)
+            if key in file.documents or key in parsed:
+                continue
+            try:
+                # Every new text is parsed before anything is converted: a file is good as a whole
+                # or not at all.
+                parsed[key] = list(yaml.load_all(chunk, Loader=_Loader))
+            except (yaml.YAMLError, ValueError, RecursionError):
+                # Parsed whole instead, whose error (if it is one) tells the line in the file.
+                chunks = None
+                break
+        if chunks is None:
+            docs = _parse(data, json_file=json_file)
+            file.documents = {}
+            self.converted_documents += sum(doc is not None for doc in docs)
+            return [convert_document(doc, file.location, i) for i, doc in enumerate(docs)]
+        documents: list[ConvertedDocument] = []
+        known: dict[bytes, list[ConvertedDocument]] = {}
+        for key in keys:
+            made = known.get(key) or file.documents.get(key)
+            start = len(documents)
+            if made is None:
+                docs = parsed[key]
+                self.converted_documents += sum(doc is not None for doc in docs)
+                made = [
+                    convert_document(doc, file.location, start + i) for i, doc in enumerate(docs)
+                ]
+            else:
+                made = [document.at(start + i) for i, document in enumerate(made)]
+            known[key] = made
+            documents.extend(made)
+        file.documents = known
+        return documents
 
     def _failed(self, file: _File, message: str) -> bool:
         if file.converted is not None and file.converted.objects:
@@ -549,6 +595,29 @@ def _hidden(relative: Path) -> bool:
     and temporary files (`demo.yaml~`, `demo.yaml.tmp`) are kept out by the suffix rule instead.
     """
     return any(part.startswith(".") for part in relative.parts)
+
+
+# A document-start marker as the parser knows it: `---` at the start of a line, then a blank or the
+# end. It starts a document wherever it stands (inside a block scalar too: it ends the scalar), or
+# the text is not valid YAML, which the fallback to a whole parse reports.
+_DOCUMENT_START = re.compile(rb"^---(?=[ \t\r\n]|\Z)", re.MULTILINE)
+# A directive (`%YAML`, `%TAG`) belongs to the document after the marker that follows it.
+_DIRECTIVE = re.compile(rb"^%", re.MULTILINE)
+
+
+def _split(data: bytes) -> list[bytes] | None:
+    """`data` cut before each document-start marker: pieces that parse, each on its own, into the
+    documents the whole text parses into (one each, or none for a comment before the first marker).
+
+    None where cutting the bytes might not be what the parser reads: text in UTF-16 or UTF-32 (a
+    byte-order mark, NUL bytes), and directives.
+    """
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in data or _DIRECTIVE.search(data):
+        return None
+    starts = [match.start() for match in _DOCUMENT_START.finditer(data)]
+    if not starts or starts[0] != 0:
+        starts.insert(0, 0)
+    return [data[start:end] for start, end in zip(starts, [*starts[1:], len(data)], strict=True)]
 
 
 def _parse(data: bytes, json_file: bool) -> list[object]:

@@ -19,9 +19,12 @@ The three steps:
 
 - `convert_object(obj, location)` converts one API object (a `List` is expanded);
 - `convert_documents(docs, location, previous)` converts the documents of one file, and keeps the
-  last good version of an object that was valid in `previous` and is invalid now;
+  last good version of an object that was valid in `previous` and is invalid now (in two steps for
+  a source that converts only the documents that changed: `convert_document` for each, then
+  `join_documents`);
 - `assemble(converted)` joins the conversions of every location into one `Mesh`, resolving which
-  endpoint objects belong to which Service and which of two same-named objects wins.
+  endpoint objects belong to which Service and which of two same-named objects wins (`Assembly`
+  does the same one changed location at a time, and says which Services changed).
 """
 
 from __future__ import annotations
@@ -167,14 +170,86 @@ def convert_documents(
     that is gone from the documents is gone, and an object whose id cannot be read (no name, no
     kind) cannot be matched, so nothing is kept for it.
     """
+    documents = (convert_document(doc, location, index) for index, doc in enumerate(docs))
+    return join_documents(documents, location, previous)
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """A `_Result` as it leaves the converter, kept for reuse."""
+
+    id: ObjectId | None
+    location: str
+    problems: tuple[Problem, ...]
+    object: ManifestObject | None
+    skipped: str | None
+
+    def moved(self, old: str, new: str) -> _Outcome:
+        obj = self.object
+        return _Outcome(
+            self.id,
+            _moved(self.location, old, new),
+            tuple(replace(p, location=_moved(p.location, old, new)) for p in self.problems),
+            None if obj is None else replace(obj, location=_moved(obj.location, old, new)),
+            self.skipped,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertedDocument:
+    """Document `index` of the file at `location`, converted, before keep-last-good (which looks
+    at the whole file, see `join_documents`).
+
+    A file source converts a document once per text and keeps the result: `at(index)` is the same
+    conversion for the same text found at another index.
+    """
+
+    location: str
+    index: int
+    outcomes: tuple[_Outcome, ...] = ()
+
+    def at(self, index: int) -> ConvertedDocument:
+        if index == self.index or not self.outcomes:
+            return self if index == self.index else ConvertedDocument(self.location, index)
+        old, new = f"{self.location}#{self.index}", f"{self.location}#{index}"
+        return ConvertedDocument(
+            self.location, index, tuple(o.moved(old, new) for o in self.outcomes)
+        )
+
+
+def convert_document(doc: object, location: str, index: int) -> ConvertedDocument:
+    """Convert document `index` of the file at `location` (see `convert_documents`)."""
     results: list[_Result] = []
-    for index, doc in enumerate(docs):
-        # An empty document (a trailing `---`) is nothing, not an error.
-        if doc is not None:
-            _convert(doc, f"{location}#{index}", results)
+    # An empty document (a trailing `---`) is nothing, not an error.
+    if doc is not None:
+        _convert(doc, f"{location}#{index}", results)
+    return ConvertedDocument(
+        location,
+        index,
+        tuple(_Outcome(r.id, r.location, tuple(r.problems), r.object, r.skipped) for r in results),
+    )
+
+
+def join_documents(
+    documents: Iterable[ConvertedDocument], location: str, previous: Converted | None = None
+) -> Converted:
+    """The conversion of the file at `location` from its documents' (in order), with
+    keep-last-good from `previous` as `convert_documents` has it."""
+    results = [
+        _Result(o.id, o.location, list(o.problems), o.object, o.skipped)
+        for document in documents
+        for o in document.outcomes
+    ]
     if previous is not None:
         _keep_last_good(results, previous)
     return _collect(location, results)
+
+
+def _moved(location: str, old: str, new: str) -> str:
+    """`location` with the document prefix `old` (`demo.yaml#3`) replaced by `new`."""
+    if location == old or location.startswith(old + "/"):
+        return new + location[len(old) :]
+    return location
 
 
 def assemble(converted: Iterable[Converted]) -> tuple[Mesh, list[Problem]]:
