@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,18 @@ def random_changes(
             changes[location] = None
         elif roll < 0.25 and before is not None:
             changes[location] = before  # the very same conversion: no change at all
+        elif roll < 0.5 and before is not None and len(before.objects) > 1:
+            # An edit in place, as a big file's: the same objects but at one or two positions.
+            objects = list(before.objects)
+            i, j = rng.sample(range(len(objects)), 2)
+            if rng.random() < 0.5:
+                objects[i], objects[j] = objects[j], objects[i]
+            else:
+                fresh = convert_documents([random_document(rng)], location).objects
+                objects[i] = (
+                    replace(fresh[0], location=objects[i].location) if fresh else objects[j]
+                )
+            changes[location] = Converted(location, tuple(objects), before.problems)
         else:
             docs = [random_document(rng) for _ in range(rng.randrange(0, 6))]
             changes[location] = convert_documents(docs, location, previous=before)

@@ -469,7 +469,7 @@ class ManifestSource:
                 made = [
                     convert_document(doc, file.location, start + i) for i, doc in enumerate(docs)
                 ]
-            else:
+            elif made and made[0].index != start:
                 made = [document.at(start + i) for i, document in enumerate(made)]
             known[key] = made
             documents.extend(made)
@@ -600,9 +600,8 @@ def _hidden(relative: Path) -> bool:
 # A document-start marker as the parser knows it: `---` at the start of a line, then a blank or the
 # end. It starts a document wherever it stands (inside a block scalar too: it ends the scalar), or
 # the text is not valid YAML, which the fallback to a whole parse reports.
-_DOCUMENT_START = re.compile(rb"^---(?=[ \t\r\n]|\Z)", re.MULTILINE)
-# A directive (`%YAML`, `%TAG`) belongs to the document after the marker that follows it.
-_DIRECTIVE = re.compile(rb"^%", re.MULTILINE)
+# (After a line break: a pattern that starts with a literal is searched for fast.)
+_DOCUMENT_START = re.compile(rb"\n---(?=[ \t\r\n]|\Z)")
 
 
 def _split(data: bytes) -> list[bytes] | None:
@@ -612,11 +611,12 @@ def _split(data: bytes) -> list[bytes] | None:
     None where cutting the bytes might not be what the parser reads: text in UTF-16 or UTF-32 (a
     byte-order mark, NUL bytes), and directives.
     """
-    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in data or _DIRECTIVE.search(data):
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in data:
         return None
-    starts = [match.start() for match in _DOCUMENT_START.finditer(data)]
-    if not starts or starts[0] != 0:
-        starts.insert(0, 0)
+    # A directive (`%YAML`, `%TAG`) belongs to the document after the marker that follows it.
+    if data.startswith(b"%") or b"\n%" in data:
+        return None
+    starts = [0, *(match.start() + 1 for match in _DOCUMENT_START.finditer(data))]
     return [data[start:end] for start, end in zip(starts, [*starts[1:], len(data)], strict=True)]
 
 

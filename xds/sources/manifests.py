@@ -35,7 +35,7 @@ import socket
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import TypeGuard
+from typing import NamedTuple, TypeGuard
 
 from xds.model import (
     Endpoint,
@@ -100,9 +100,10 @@ _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z
 _IANA_SVC_NAME = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class ObjectId:
+class ObjectId(NamedTuple):
     """The identity of an object, as the API server sees it: two objects with one id are one."""
+
+    # A tuple, not a dataclass: a change to a big file hashes every id of it, and tuples hash in C.
 
     kind: str
     namespace: str
@@ -235,14 +236,21 @@ def join_documents(
 ) -> Converted:
     """The conversion of the file at `location` from its documents' (in order), with
     keep-last-good from `previous` as `convert_documents` has it."""
-    results = [
-        _Result(o.id, o.location, list(o.problems), o.object, o.skipped)
-        for document in documents
-        for o in document.outcomes
-    ]
-    if previous is not None:
+    outcomes = [o for document in documents for o in document.outcomes]
+    if previous is not None and any(o.object is None and o.id is not None for o in outcomes):
+        # Something may be kept from `previous`: the general way, one mutable result each.
+        results = [
+            _Result(o.id, o.location, list(o.problems), o.object, o.skipped) for o in outcomes
+        ]
         _keep_last_good(results, previous)
-    return _collect(location, results)
+        return _collect(location, results)
+    # Nothing to keep: no allocation per object, which a big file would pay on every change.
+    return Converted(
+        location,
+        tuple(o.object for o in outcomes if o.object is not None),
+        tuple(p for o in outcomes for p in o.problems),
+        tuple(o.skipped for o in outcomes if o.skipped is not None),
+    )
 
 
 def _moved(location: str, old: str, new: str) -> str:
@@ -370,8 +378,13 @@ class Assembly:
         self, location: str, before: Converted | None, after: Converted | None
     ) -> Iterator[ObjectId]:
         """Replace the claims of `location`; yield the ids whose claims from it changed."""
-        old = _claims_by_id(before)
-        new = _claims_by_id(after)
+        old_objects = before.objects if before is not None else ()
+        new_objects = after.objects if after is not None else ()
+        if len(old_objects) == len(new_objects):
+            yield from self._reclaim_in_place(location, old_objects, new_objects)
+            return
+        old = _claims_by_id(old_objects)
+        new = _claims_by_id(new_objects)
         for oid in old.keys() | new.keys():
             mine = new.get(oid)
             # Compared by identity first (tuples do): unchanged objects cost a pointer comparison.
@@ -383,6 +396,36 @@ class Assembly:
                 others.sort(key=_precedence)
             if others:
                 self._claims[oid] = others
+            else:
+                self._claims.pop(oid, None)
+            yield oid
+
+    def _reclaim_in_place(
+        self,
+        location: str,
+        old_objects: tuple[ManifestObject, ...],
+        new_objects: tuple[ManifestObject, ...],
+    ) -> Iterator[ObjectId]:
+        """`_reclaim` for a location whose objects did not move: an edit to a big file leaves
+        all but a few as they were, the very same objects, and only positions that differ are
+        looked at (no per-object allocation, which at ten thousand objects costs more in garbage
+        collection than the comparison)."""
+        differing = {
+            position
+            for position, (old, new) in enumerate(zip(old_objects, new_objects, strict=True))
+            if old is not new
+        }
+        ids = {old_objects[p].id for p in differing} | {new_objects[p].id for p in differing}
+        for oid in ids:
+            claims = [
+                c for c in self._claims.get(oid, ()) if c[0] != location or c[1] not in differing
+            ]
+            claims.extend(
+                (location, p, new_objects[p]) for p in differing if new_objects[p].id == oid
+            )
+            claims.sort(key=_precedence)
+            if claims:
+                self._claims[oid] = claims
             else:
                 self._claims.pop(oid, None)
             yield oid
@@ -484,11 +527,12 @@ class Assembly:
 _LABEL_PATH = f'metadata.labels["{SERVICE_NAME_LABEL}"]'
 
 
-def _claims_by_id(conversion: Converted | None) -> dict[ObjectId, list[tuple[int, ManifestObject]]]:
+def _claims_by_id(
+    objects: tuple[ManifestObject, ...],
+) -> dict[ObjectId, list[tuple[int, ManifestObject]]]:
     claims: dict[ObjectId, list[tuple[int, ManifestObject]]] = {}
-    if conversion is not None:
-        for position, obj in enumerate(conversion.objects):
-            claims.setdefault(obj.id, []).append((position, obj))
+    for position, obj in enumerate(objects):
+        claims.setdefault(obj.id, []).append((position, obj))
     return claims
 
 
@@ -518,10 +562,14 @@ def _collect(location: str, results: list[_Result]) -> Converted:
 
 
 def _keep_last_good(results: list[_Result], previous: Converted) -> None:
+    # A rejected object has no conversion: most results are done with at the first test.
+    rejected = [r for r in results if r.object is None and r.id is not None and r.rejected]
+    if not rejected:
+        return
     before = {obj.id: obj for obj in previous.objects}
     valid_now = {r.id for r in results if r.object is not None}
-    for result in results:
-        if not result.rejected or result.id is None or result.id in valid_now:
+    for result in rejected:
+        if result.id is None or result.id in valid_now:
             continue
         last_good = before.get(result.id)
         if last_good is None:
