@@ -324,9 +324,13 @@ class ManifestSource:
 
     def _candidates(self, path: Path) -> Iterator[tuple[Path, bool]]:
         """The files a change at `path` may concern, each with whether `path` names it exactly."""
-        for known in self._files:
-            if known == path or path in known.parents:
-                yield known, known == path
+        if path in self._files:
+            yield path, True  # a file: nothing known is under it
+        else:
+            # A directory (or what was one): the files known under it. Compared as strings, since
+            # this looks at every file known.
+            prefix = os.path.join(path, "")  # with one separator at the end, also for "/"
+            yield from ((known, False) for known in self._files if str(known).startswith(prefix))
         if path.name.startswith(".."):
             # Kubernetes' atomic writer (ConfigMap and Secret volumes) swaps a `..data` symlink:
             # the files under the parent, symlinks into it, change without an event of their own.
