@@ -160,6 +160,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         cluster_domain=args.cluster_domain,
         tracing_cluster=args.tracing_cluster,
         protocol_detection_timeout_s=args.protocol_detection_timeout,
+        cluster_patch_namespaces=tuple(args.allow_cluster_patch or ()),
     )
 
 
@@ -227,6 +228,13 @@ def _add_translation_options(parser: argparse.ArgumentParser, kubernetes: bool =
         metavar="SECONDS",
         help="on ports with no declared protocol, how long Envoy waits for a client's first bytes "
         "before proxying the connection as TCP (default 5)",
+    )
+    parser.add_argument(
+        "--allow-cluster-patch",
+        action="append",
+        metavar="NAMESPACE",
+        help="let Services of this namespace use the xds.dev/cluster-patch annotation ('*': every "
+        "namespace); repeatable (default: none)",
     )
 
 

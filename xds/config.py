@@ -47,6 +47,10 @@ class Settings:
     # sends nothing for this long (a server-first protocol such as MySQL, which should be declared)
     # is then proxied as TCP instead of being cut off.
     protocol_detection_timeout_s: float = 5.0
+    # Namespaces whose Services may use the `xds.dev/cluster-patch` annotation (`*`: every
+    # namespace). Off by default: a patch is tenant-written Envoy config, so enabling it is the
+    # operator's decision; even then only the fields in xds.translate.PATCHABLE_CLUSTER_FIELDS.
+    cluster_patch_namespaces: tuple[str, ...] = ()
     # Clients on per-type streams are told to fetch endpoints and routes through this cluster.
     xds_cluster_name: str = XDS_CLUSTER_NAME
 
@@ -65,5 +69,7 @@ class Settings:
             raise ValueError("listener_port_offset must be in [0, 65535)")
         if self.protocol_detection_timeout_s <= 0:
             raise ValueError("protocol_detection_timeout_s must be positive")
+        if any(not namespace for namespace in self.cluster_patch_namespaces):
+            raise ValueError("cluster_patch_namespaces: a namespace cannot be empty")
         if self.debounce_quiet_s < 0 or self.debounce_max_s < self.debounce_quiet_s:
             raise ValueError("need 0 <= debounce_quiet_s <= debounce_max_s")

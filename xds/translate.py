@@ -34,10 +34,20 @@ claims it.
 Per-Service annotations (prefix `xds.dev/`):
 
 - `lb-policy`: RANDOM, ROUND_ROBIN or LEAST_REQUEST, overriding `Settings.lb_policy`.
-- `connect-timeout`: a duration such as `250ms` or `2s`.
-- `cluster-patch`: a JSON object of Envoy `Cluster` fields (proto3 JSON names) merged into every
-  cluster of the Service, for settings this control plane does not model. Envoy validates the result
-  and NACKs what it cannot accept; the rest of the configuration is unaffected.
+- `connect-timeout`: a duration such as `250ms` or `2s`, at most an hour.
+- `cluster-patch`: a JSON object of Envoy `Cluster` fields (proto3 JSON or field names) merged into
+  every cluster of the Service, for traffic policy this control plane does not model. Off unless
+  the Service's namespace is in `Settings.cluster_patch_namespaces` (`xds serve
+  --allow-cluster-patch NS`, `*` for all), at most 8 KiB, and limited to the fields of
+  `PATCHABLE_CLUSTER_FIELDS` (connection limits, timeouts, outlier detection, load balancer
+  tuning, DNS refresh: what Istio's DestinationRule lets a user set), with no typed extension
+  config inside them. A patch can never change a cluster's name, discovery or endpoints, TLS,
+  metadata or extensions, so a Service cannot take over or redirect another's cluster (one did, by
+  patching `name`). Envoy validates the values and NACKs what it cannot accept.
+
+Annotations are tenant-written: a value too long, invalid or refused is an error naming the Service
+and `metadata.annotations["<annotation>"]` (and, in a patch, the offending field), and the Service
+is served without it.
 
 The work is incremental: a Translator remembers each Service's output and translates again only
 the Services whose inputs changed; route configurations are assembled by joining the virtual hosts'
@@ -116,6 +126,50 @@ LB_POLICY_ANNOTATION = ANNOTATION_PREFIX + "lb-policy"
 CONNECT_TIMEOUT_ANNOTATION = ANNOTATION_PREFIX + "connect-timeout"
 CLUSTER_PATCH_ANNOTATION = ANNOTATION_PREFIX + "cluster-patch"
 
+# Annotation sizes: a value is tenant-written (up to 256 KiB in Kubernetes) and is parsed on every
+# translation of its Service, and quoted in problems.
+MAX_SHORT_ANNOTATION_CHARS = 64
+MAX_CLUSTER_PATCH_CHARS = 8192
+# Beyond this a connect timeout is a typo (and Envoy's Duration has a range: a longer value would
+# fail the whole translation, not just this Service).
+MAX_CONNECT_TIMEOUT_S = 3600.0
+
+# The top-level Cluster fields a cluster-patch may set: traffic policy, as Istio's DestinationRule
+# allows (connection limits, outlier detection, load balancer tuning, timeouts), and nothing that
+# says which cluster this is or where its traffic goes. Left out, and why:
+# - name, alt_stat_name, type/cluster_type, eds_cluster_config, load_assignment, lb_subset_config,
+#   original_dst_lb_config, upstream_bind_config, dns_resolvers, dns_resolution_config,
+#   typed_dns_resolver_config: identity, discovery and destinations (`name` once took over
+#   another namespace's cluster, `load_assignment` sent traffic to another namespace's pods);
+# - transport_socket(_matches/_matcher), metadata: TLS origination names SDS secrets and files on
+#   the proxy's node, and metadata selects transport sockets;
+# - typed_extension_protocol_options, upstream_config, filters, load_balancing_policy, lrs_server,
+#   health_checks: typed extensions (upstream HTTP filters, custom pools), load reporting to a
+#   cluster by name, health checkers whose event loggers write files on the proxy's node; the
+#   xds.dev/lb-policy annotation covers the balancer, and health comes from Kubernetes readiness;
+# - the deprecated lb_policy, *_lb_config, max_requests_per_connection and *_protocol_options:
+#   superseded by fields above or overridden by what this control plane sets.
+PATCHABLE_CLUSTER_FIELDS = frozenset(
+    {
+        "connect_timeout",
+        "per_connection_buffer_limit_bytes",
+        "circuit_breakers",
+        "outlier_detection",
+        "common_lb_config",
+        "upstream_connection_options",
+        "close_connections_on_host_health_failure",
+        "ignore_health_on_host_removal",
+        "preconnect_policy",
+        "track_timeout_budgets",
+        # ExternalName clusters resolve their target with DNS; these tune how often and how.
+        "dns_refresh_rate",
+        "dns_failure_refresh_rate",
+        "dns_jitter",
+        "respect_dns_ttl",
+        "dns_lookup_family",
+    }
+)
+
 T = TypeVar("T")
 
 # What http_inspector reports for HTTP/1.0, HTTP/1.1 and HTTP/2 with prior knowledge.
@@ -181,7 +235,7 @@ def parse_duration(text: str) -> float:
     """`250ms`, `1.5s`, `2m` -> seconds. Raises ValueError with the accepted form."""
     match = _DURATION.match(text.strip())
     if not match:
-        raise ValueError(f"{text!r} is not a duration like 250ms, 1.5s or 2m")
+        raise ValueError(f"{_show(text)} is not a duration like 250ms, 1.5s or 2m")
     return float(match.group(1)) * _DURATION_UNIT_S[match.group(2)]
 
 
@@ -872,16 +926,34 @@ class Translator:
     def _cluster_options(self, service: Service, problems: list[Problem]) -> _ClusterOptions:
         settings = self.settings
         lb_policy = _annotation(
-            service, LB_POLICY_ANNOTATION, _lb_policy, problems, f"using {settings.lb_policy}"
+            service,
+            LB_POLICY_ANNOTATION,
+            _bounded(MAX_SHORT_ANNOTATION_CHARS, _lb_policy),
+            problems,
+            f"using {settings.lb_policy}",
         )
         connect_timeout = _annotation(
             service,
             CONNECT_TIMEOUT_ANNOTATION,
-            parse_duration,
+            _bounded(MAX_SHORT_ANNOTATION_CHARS, _connect_timeout),
             problems,
             f"using {settings.connect_timeout_s}s",
         )
-        patch = _annotation(service, CLUSTER_PATCH_ANNOTATION, _cluster_patch, problems, "ignored")
+        patch = None
+        raw_patch = service.annotation(CLUSTER_PATCH_ANNOTATION)
+        if raw_patch is not None:
+            allowed = settings.cluster_patch_namespaces
+            if service.namespace in allowed or "*" in allowed:
+                patch = _cluster_patch(service, raw_patch, problems)
+            else:
+                problems.append(
+                    error(
+                        f"Service {service.key}",
+                        f'metadata.annotations["{CLUSTER_PATCH_ANNOTATION}"]',
+                        f"cluster patches are not enabled for namespace {service.namespace} "
+                        f"(xds serve --allow-cluster-patch {service.namespace}); ignored",
+                    )
+                )
         return _ClusterOptions(
             lb_policy or settings.lb_policy,
             settings.connect_timeout_s if connect_timeout is None else connect_timeout,
@@ -1082,17 +1154,108 @@ def _annotation(
 
 def _lb_policy(value: str) -> str:
     if value.upper() not in LB_POLICIES:
-        raise ValueError(f"{value!r} is not one of {', '.join(LB_POLICIES)}")
+        raise ValueError(f"{_show(value)} is not one of {', '.join(LB_POLICIES)}")
     return value.upper()
 
 
-def _cluster_patch(value: str) -> cluster_pb2.Cluster:
-    try:
-        return json_format.Parse(value, cluster_pb2.Cluster())
-    except (json_format.ParseError, json.JSONDecodeError) as exc:
-        raise ValueError(
-            f"not a JSON object of envoy.config.cluster.v3.Cluster fields: {exc}"
-        ) from exc
+def _show(value: str, limit: int = 40) -> str:
+    """A value quoted for a message, cut short: annotations are tenant-written and up to 256 KiB."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + "..."
+
+
+def _bounded(limit: int, parse: Callable[[str], T]) -> Callable[[str], T]:
+    """`parse`, refusing values longer than `limit` characters before looking at them."""
+
+    def parse_bounded(value: str) -> T:
+        if len(value) > limit:
+            raise ValueError(f"is {len(value)} characters long, more than the {limit} allowed")
+        return parse(value)
+
+    return parse_bounded
+
+
+def _connect_timeout(value: str) -> float:
+    seconds = parse_duration(value)
+    if not 0 < seconds <= MAX_CONNECT_TIMEOUT_S:
+        raise ValueError(f"{value!r} is not in (0s, {MAX_CONNECT_TIMEOUT_S:g}s]")
+    return seconds
+
+
+_CLUSTER_FIELDS = {
+    **{f.name: f for f in cluster_pb2.Cluster.DESCRIPTOR.fields},
+    **{f.json_name: f for f in cluster_pb2.Cluster.DESCRIPTOR.fields},
+}
+_TYPED_CONFIGS = ("google.protobuf.Any", "envoy.config.core.v3.TypedExtensionConfig")
+
+
+def _typed_configs(message: Message, path: str = "") -> Iterable[str]:
+    """The paths of the typed (Any) configs set anywhere in `message`: they can carry any
+    extension, so a patch may not set one even inside a field it may patch."""
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is None:
+            continue
+        if descriptor.message_type.GetOptions().map_entry:
+            continue  # no patchable field is a map of messages
+        typed = descriptor.message_type.full_name in _TYPED_CONFIGS
+        repeated = descriptor.is_repeated
+        for index, item in enumerate(value if repeated else (value,)):
+            at = f"{path}.{descriptor.json_name}" + (f"[{index}]" if repeated else "")
+            if typed:
+                yield at
+            else:
+                yield from _typed_configs(item, at)
+
+
+def _cluster_patch(
+    service: Service, value: str, problems: list[Problem]
+) -> cluster_pb2.Cluster | None:
+    """The cluster-patch annotation as a Cluster holding only patchable fields, or None with an
+    error for each field refused (the whole patch is then ignored: half a patch is a
+    configuration nobody wrote)."""
+    where = f'metadata.annotations["{CLUSTER_PATCH_ANNOTATION}"]'
+    refused: list[Problem] = []
+
+    def refuse(field_path: str, message: str) -> None:
+        refused.append(
+            error(f"Service {service.key}", where + field_path, f"{message}; the patch is ignored")
+        )
+
+    if len(value) > MAX_CLUSTER_PATCH_CHARS:
+        refuse(
+            "", f"is {len(value)} characters long, more than the {MAX_CLUSTER_PATCH_CHARS} allowed"
+        )
+    else:
+        try:
+            data = json.loads(value)
+        except (ValueError, RecursionError) as exc:
+            data = None
+            refuse("", f"is not JSON: {exc}")
+        if data is not None and not isinstance(data, dict):
+            refuse("", "must be a JSON object of envoy.config.cluster.v3.Cluster fields")
+        elif isinstance(data, dict):
+            for key in data:
+                descriptor = _CLUSTER_FIELDS.get(key)
+                if descriptor is None:
+                    refuse(f".{key}", "is not a field of envoy.config.cluster.v3.Cluster")
+                elif descriptor.name not in PATCHABLE_CLUSTER_FIELDS:
+                    refuse(
+                        f".{key}",
+                        "may not be patched: a patch may set only "
+                        + ", ".join(sorted(PATCHABLE_CLUSTER_FIELDS)),
+                    )
+            if not refused:
+                cluster = cluster_pb2.Cluster()
+                try:
+                    json_format.ParseDict(data, cluster)
+                except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
+                    refuse("", f"is not a valid envoy.config.cluster.v3.Cluster: {exc}")
+                else:
+                    for path in _typed_configs(cluster):
+                        refuse(path, "is a typed extension config, which a patch may not set")
+                    if not refused:
+                        return cluster
+    problems.extend(refused)
+    return None
 
 
 def _resolve_port(

@@ -107,6 +107,8 @@ async def mesh(tmp_path: Path, service_port: int) -> AsyncIterator[Mesh]:
         admin_port=0,
         listener_address="127.0.0.1",
         listener_port_offset=listener_port - service_port,
+        # Tests provoke NACKs with patches Envoy rejects, in namespace default.
+        cluster_patch_namespaces=("default",),
     )
     plane = ControlPlane(settings)
     ports = await plane.start()

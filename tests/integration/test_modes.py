@@ -99,6 +99,7 @@ async def test_updates_and_a_nack_in_every_mode(tmp_path: Path, mode: str):
         admin_port=0,
         listener_address="127.0.0.1",
         listener_port_offset=offset,
+        cluster_patch_namespaces=("default",),  # the NACK is provoked by a cluster patch
     )
     async with backends(["p1", "p2", "p3", "p4"]) as pods:
         write_manifests(path, *state(0, pods))

@@ -100,8 +100,9 @@ def test_bad_annotation_is_an_error_naming_the_field_and_the_default_is_kept():
 
 def test_cluster_patch_annotation_is_merged():
     patch = json.dumps({"outlierDetection": {"consecutive5xx": 3}})
+    allowed = Settings(cluster_patch_namespaces=("default",))
     out = translate(
-        mesh(ServiceEntry(service("a", annotations={CLUSTER_PATCH_ANNOTATION: patch}))), Settings()
+        mesh(ServiceEntry(service("a", annotations={CLUSTER_PATCH_ANNOTATION: patch}))), allowed
     )
     assert (
         decode(out.resources[CLUSTER]["default/a:http"]).outlier_detection.consecutive_5xx.value
@@ -109,7 +110,7 @@ def test_cluster_patch_annotation_is_merged():
     )
     broken = translate(
         mesh(ServiceEntry(service("a", annotations={CLUSTER_PATCH_ANNOTATION: "{nope"}))),
-        Settings(),
+        allowed,
     )
     assert CLUSTER_PATCH_ANNOTATION in broken.problems[0].field
 
