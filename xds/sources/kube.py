@@ -9,6 +9,11 @@ request has a read timeout, so a connection that goes silent without closing is 
 resumed. Errors back off exponentially with jitter. What the objects mean is
 `xds.sources.manifests`' business: this module owns only talking to the API server.
 
+An informer never dies: any exception in its loop (a malformed watch line or list body, a bug) is
+logged, counted in the source's health (`xds.sources.health`) and followed by a relist after the
+backoff, since a stream that carried something unreadable may have lost an event. What an informer
+served before stays served meanwhile; one that keeps failing makes the control plane unready.
+
 Informers report which objects changed (a relist: those whose resourceVersion differs, and those
 gone); the source only records them and wakes the event loop. The objects are converted and joined
 into the mesh when `mesh()` is asked for, after the control plane's debounce and in its worker
@@ -24,7 +29,7 @@ import os
 import threading
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any
 
 import backoff
 import urllib3
@@ -32,6 +37,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from xds.model import Mesh, Problem
+from xds.sources.health import SourceHealth
 from xds.sources.manifests import Assembly, Converted, convert_documents
 
 log = logging.getLogger(__name__)
@@ -57,12 +63,8 @@ class _Kind:
     api_version: str
 
 
-class _WatchEvent(TypedDict):
-    """An event of the client's watch stream, as read here."""
-
-    type: str  # ADDED, MODIFIED, DELETED, BOOKMARK (or ERROR)
-    raw_object: dict[str, Any]  # the object as the API server sent it, JSON-decoded
-
+# The part of the source's health that converting reports as.
+_CONVERTING = "converting"
 
 SERVICES = _Kind("services", "Service", "v1")
 ENDPOINT_SLICES = _Kind("endpointslices", "EndpointSlice", "discovery.k8s.io/v1")
@@ -141,8 +143,10 @@ class Informer:
         settings: KubeSettings,
         on_change: Callable[[Informer, Collection[_Key], bool], None],
         on_relist: Callable[[str], None] | None = None,
+        health: SourceHealth | None = None,
     ) -> None:
         self.kind = kind
+        self.health = health if health is not None else SourceHealth("kubernetes")
         self._on_relist = on_relist
         self.namespace = namespace
         self.settings = settings
@@ -194,12 +198,23 @@ class Informer:
                     need_list = True
                     continue
                 self._pause(delays, f"API error {exc.status} {exc.reason}")
-            except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
                 # Timeouts (a silent connection), resets, a server going away: resume the watch
                 # from the last resourceVersion after a pause; a 410 then says if relisting is due.
                 self._pause(delays, f"{type(exc).__name__}: {exc}")
+            except Exception as exc:
+                # Something unreadable (a malformed watch line or list body) or a bug: the watch
+                # may have lost an event, so list again after a pause. Never the end of the thread.
+                need_list = True
+                if isinstance(exc, Malformed):
+                    why = str(exc)
+                else:
+                    log.exception("%s: unexpected failure", self.where)
+                    why = f"{type(exc).__name__}: {exc}"
+                self._pause(delays, f"{why}; relisting")
 
     def _pause(self, delays: Iterator[float], why: str) -> None:
+        self.health.failed(self.where, why)
         delay = backoff.full_jitter(next(delays))
         log.warning("%s: %s; retrying in %.2fs", self.where, why, delay)
         self._stop.wait(delay)
@@ -209,7 +224,11 @@ class Informer:
 
     def _relist(self) -> None:
         response = self._list_call(_preload_content=False, _request_timeout=self._timeouts())
-        body = json.loads(response.data)
+        try:
+            body = json.loads(response.data)
+        except (ValueError, RecursionError) as exc:
+            raise Malformed(f"the list is not JSON ({type(exc).__name__}: {exc})") from None
+        items = _list_items(body, self.kind)
         self.lists += 1
         if self._on_relist is not None:
             self._on_relist(self.kind.resource)
@@ -217,7 +236,7 @@ class Informer:
             before = self.objects
         objects: dict[_Key, dict[str, Any]] = {}
         changed: list[_Key] = []
-        for item in body.get("items") or []:
+        for item in items:
             metadata = item.get("metadata") or {}
             key = (metadata.get("namespace", ""), metadata.get("name", ""))
             old = before.get(key)
@@ -234,13 +253,15 @@ class Informer:
             self.objects = objects
             self.resource_version = (body.get("metadata") or {}).get("resourceVersion", "")
         self.synced.set()
+        self.health.recovered(self.where)
         self._on_change(self, changed, True)
 
     def _watch_once(self) -> None:
         self._watch = current = watch.Watch()
         self.watches += 1
-        # The helper is untyped; its events carry the type and the decoded object.
-        stream: Iterator[_WatchEvent] = current.stream(
+        # The helper is untyped; its events should carry the type and the decoded object, and are
+        # checked to (a line that is not JSON comes as None, any JSON as it is).
+        stream: Iterator[object] = current.stream(
             self._list_call,
             resource_version=self.resource_version,
             allow_watch_bookmarks=True,
@@ -250,11 +271,11 @@ class Informer:
         for event in stream:
             if self._stop.is_set():
                 return
-            kind = event["type"]
-            raw = event["raw_object"]
-            version = ((raw or {}).get("metadata") or {}).get("resourceVersion")
+            kind, raw = _watch_event(event, self.kind)
+            version = (raw.get("metadata") or {}).get("resourceVersion")
+            self.health.recovered(self.where)
             if kind == "BOOKMARK":
-                if version:
+                if isinstance(version, str) and version:
                     self.resource_version = version
                 continue
             item = self._typed(raw)
@@ -265,13 +286,73 @@ class Informer:
                     self.objects.pop(key, None)
                 elif kind in ("ADDED", "MODIFIED"):
                     self.objects[key] = item
-                if version:
+                if isinstance(version, str) and version:
                     self.resource_version = version
             self._on_change(self, (key,), False)
 
     def _typed(self, item: dict[str, Any]) -> dict[str, Any]:
         # List items come without kind and apiVersion; the converter needs them.
         return {**item, "kind": self.kind.kind, "apiVersion": self.kind.api_version}
+
+
+class Malformed(Exception):
+    """The API server (or what stands between) sent something that is not what it promises."""
+
+
+_EVENT_TYPES = frozenset({"ADDED", "MODIFIED", "DELETED", "BOOKMARK"})
+
+
+def _list_items(body: object, kind: _Kind) -> list[dict[str, Any]]:
+    """The items of a list body, each checked to be an object with a name: a body that is not a
+    list of such is refused whole, since a relist replaces every object the informer has."""
+    if not isinstance(body, dict):
+        raise Malformed(f"the list is a JSON {type(body).__name__}, not a {kind.kind}List")
+    items = body.get("items")
+    if items is None:
+        items = []
+    if not isinstance(items, list):
+        raise Malformed(f"the list's items are a JSON {type(items).__name__}, not a list")
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise Malformed("the list's metadata is not an object")
+    for index, item in enumerate(items):
+        _check_object(item, f"item {index} of the list")
+    return items
+
+
+def _check_object(obj: object, what: str) -> None:
+    if not isinstance(obj, dict):
+        raise Malformed(f"{what} is a JSON {type(obj).__name__}, not an object")
+    metadata = obj.get("metadata")
+    if not isinstance(metadata, dict):
+        raise Malformed(f"{what} has no metadata object")
+    name = metadata.get("name")
+    if not isinstance(name, str) or not name:
+        raise Malformed(f"{what} has no metadata.name")
+    namespace = metadata.get("namespace", "")
+    if not isinstance(namespace, str):
+        raise Malformed(f"{what} has a metadata.namespace that is not a string")
+
+
+def _watch_event(event: object, kind: _Kind) -> tuple[str, dict[str, Any]]:
+    """An event of the watch stream as (type, object), or Malformed. (The client's helper yields
+    None for a line that is not JSON, and passes on whatever JSON it was.)"""
+    if not isinstance(event, dict):
+        raise Malformed(f"a watch line is not a JSON event ({type(event).__name__})")
+    kind_name = event.get("type")
+    raw = event.get("raw_object")
+    if kind_name == "ERROR":
+        message = raw.get("message") if isinstance(raw, dict) else raw
+        raise Malformed(f"the watch sent an error: {str(message)[:200]}")
+    if kind_name not in _EVENT_TYPES:
+        raise Malformed(f"a watch event has type {str(kind_name)[:40]!r}")
+    if kind_name == "BOOKMARK":
+        if not isinstance(raw, dict):
+            raise Malformed("a BOOKMARK event carries no object")
+        return kind_name, raw
+    _check_object(raw, f"a {kind_name} {kind.kind} event's object")
+    assert isinstance(raw, dict)
+    return kind_name, raw
 
 
 def _version(obj: dict[str, Any]) -> object:
@@ -323,8 +404,13 @@ class KubeSource:
         settings: KubeSettings,
         api: client.ApiClient | None = None,
         on_relist: Callable[[str], None] | None = None,
+        health: SourceHealth | None = None,
     ) -> None:
         self.settings = settings
+        # What goes wrong in the informers and in converting, survived and retried.
+        self.health = health if health is not None else SourceHealth("kubernetes")
+        # Set while watch() runs: asks for a rebuild after a pause, when converting failed.
+        self._retry: Callable[[], None] | None = None
         self._api = api
         self._on_relist = on_relist
         self.informers: list[Informer] = []
@@ -366,12 +452,24 @@ class KubeSource:
                     return self._assembly.mesh
                 pending, self._pending = self._pending, {}
             if pending:
-                self._apply(pending)
+                try:
+                    self._apply(pending)
+                except Exception as exc:
+                    # The last mesh stays; the objects are converted again at the retry.
+                    log.exception("converting Kubernetes objects failed; retrying")
+                    self.health.failed(_CONVERTING, f"{type(exc).__name__}: {exc}")
+                    with self._pending_lock:
+                        self._pending = {**pending, **self._pending}
+                    if self._retry is not None:
+                        self._retry()
+                else:
+                    self.health.recovered(_CONVERTING)
             return self._assembly.mesh
 
     def problems(self) -> list[Problem]:
-        """The problems of the mesh last built (cheap: nothing is converted here)."""
-        return list(self._problems)
+        """The problems of the mesh last built (cheap: nothing is converted here), and those of
+        the informers failing now."""
+        return [*self._problems, *self.health.problems()]
 
     def _all_listed(self) -> bool:
         return bool(self.informers) and len(self._listed) == len(self.informers)
@@ -395,8 +493,13 @@ class KubeSource:
                     self._listed.add(informer)
             loop.call_soon_threadsafe(self._changed, notify)
 
+        def retry() -> None:
+            delay = min(self.settings.max_backoff_s, 0.25 * 2 ** self.health.failures(_CONVERTING))
+            loop.call_soon_threadsafe(loop.call_later, delay, self._changed, notify)
+
+        self._retry = retry
         self.informers = [
-            Informer(api, kind, namespace, self.settings, changed, self._on_relist)
+            Informer(api, kind, namespace, self.settings, changed, self._on_relist, self.health)
             for kind in kinds
             for namespace in namespaces
         ]
@@ -409,6 +512,7 @@ class KubeSource:
         try:
             await asyncio.Event().wait()
         finally:
+            self._retry = None
             for informer in self.informers:
                 informer.stop()
 
