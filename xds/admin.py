@@ -24,14 +24,22 @@ def make_app(
     is_ready: Callable[[], bool],
     problems: Callable[[], list[Problem]],
     metrics: Metrics | None = None,
+    readiness: Callable[[], tuple[bool, list[str]]] | None = None,
 ) -> web.Application:
+    """`readiness`, when given, says whether the control plane is ready and why (or what it
+    serves degraded: still ready, with one line each); otherwise `is_ready` decides alone."""
+
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
     async def readyz(_: web.Request) -> web.Response:
-        if is_ready():
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready: no snapshot published yet\n")
+        if readiness is None:
+            ready, details = is_ready(), ["no snapshot published yet"]
+        else:
+            ready, details = readiness()
+        if ready:
+            return web.Response(text="".join(["ready\n", *(f"degraded: {d}\n" for d in details)]))
+        return web.Response(status=503, text="".join(f"not ready: {d}\n" for d in details))
 
     async def syncz(_: web.Request) -> web.Response:
         return web.json_response(server.syncz())

@@ -30,6 +30,7 @@ from xds.server.callbacks import CallbackList
 from xds.server.service import DiscoveryServer, start_server
 from xds.server.tracing import TracingCallbacks
 from xds.sources.files import ManifestSource
+from xds.sources.health import SourceHealth
 from xds.translate import Translation, Translator, for_api_type
 
 if TYPE_CHECKING:
@@ -65,9 +66,17 @@ class ControlPlane:
                     read_timeout_s=settings.kube_read_timeout_s,
                 ),
                 on_relist=self.metrics.relisted,
+                health=SourceHealth("kubernetes", on_error=self.metrics.source_error),
             )
         else:
-            self.source = ManifestSource(list(settings.manifests))
+            self.source = ManifestSource(
+                list(settings.manifests),
+                health=SourceHealth("manifests", on_error=self.metrics.source_error),
+            )
+        health = self.source.health
+        self.metrics.watch_source(
+            lambda: (health.source, len(health.failing()), len(health.degradations()))
+        )
         self.translator = Translator(settings)
         self.cache = Cache()
         self.server = DiscoveryServer(
@@ -101,6 +110,17 @@ class ControlPlane:
         snapshot = self.cache.snapshot
         return snapshot.size, {t: len(items) for t, items in snapshot.resources.items()}
 
+    def readiness(self) -> tuple[bool, list[str]]:
+        """Ready once a snapshot with something to serve is published, and while the source can
+        still apply changes; with why not, or what is served from last good input."""
+        health = self.source.health
+        unready = health.unready()
+        if not self.ready:
+            return False, ["nothing to serve yet (no snapshot with a Service published)", *unready]
+        if unready:
+            return False, [*unready, *health.degradations()]
+        return True, health.degradations()
+
     def problems(self) -> list[Problem]:
         translation = self.last_translation.problems if self.last_translation else ()
         return [*self.source.problems(), *translation]
@@ -120,7 +140,12 @@ class ControlPlane:
             admin_port = None
             if self.settings.admin_port is not None:
                 app = make_app(
-                    self.cache, self.server, lambda: self.ready, self.problems, self.metrics
+                    self.cache,
+                    self.server,
+                    lambda: self.ready,
+                    self.problems,
+                    self.metrics,
+                    readiness=self.readiness,
                 )
                 self._admin, admin_port = await start_admin(
                     app, self.settings.admin_host, self.settings.admin_port
@@ -193,7 +218,9 @@ class ControlPlane:
                         **{f"xds.version.{short_name(t)}": v for t, v in snapshot.versions.items()},
                     }
                 )
-        if published:
+        if published and len(mesh) > 0:
+            # Nothing to serve is not ready: an empty first snapshot (a directory not mounted
+            # yet, a source not synced) would tell the proxies to drop everything.
             self.ready = True
         self.rebuilds += 1
         log.debug(

@@ -51,6 +51,30 @@ class _State(Collector):
         yield resources
 
 
+class _SourceState(Collector):
+    """Gauges read when scraped: the source's failing and degraded parts."""
+
+    def __init__(self, health: Callable[[], tuple[str, int, int]]) -> None:
+        self._health = health
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        source, failing, degraded = self._health()
+        failing_family = GaugeMetricFamily(
+            "xds_source_failing",
+            "Parts of the source failing now (retried with backoff)",
+            labels=["source"],
+        )
+        failing_family.add_metric([source], failing)
+        yield failing_family
+        degraded_family = GaugeMetricFamily(
+            "xds_source_degraded",
+            "Inputs unavailable, whose last good content is served (a configured path gone)",
+            labels=["source"],
+        )
+        degraded_family.add_metric([source], degraded)
+        yield degraded_family
+
+
 class Metrics(Callbacks):
     """The control plane's Prometheus metrics; the discovery server reports to it as callbacks."""
 
@@ -78,6 +102,12 @@ class Metrics(Callbacks):
         )
         self._source_events = PromCounter(
             "xds_source_events", "Changes seen by the source", registry=self.registry
+        )
+        self._source_errors = PromCounter(
+            "xds_source_errors",
+            "Failures a source survived and retried (a watch loop, a list, a read)",
+            ["source"],
+            registry=self.registry,
         )
         self._relists = PromCounter(
             "xds_source_relists",
@@ -117,6 +147,14 @@ class Metrics(Callbacks):
 
     def source_event(self) -> None:
         self._source_events.inc()
+
+    def source_error(self, source: str) -> None:
+        self._source_errors.labels(source).inc()
+
+    def watch_source(self, health: Callable[[], tuple[str, int, int]]) -> None:
+        """`health()` gives the source's name, how many of its parts are failing and how many
+        serve their last good input (a configured path gone), read at scrape time."""
+        self.registry.register(_SourceState(health))
 
     def relisted(self, resource: str) -> None:
         self._relists.labels(resource).inc()

@@ -370,9 +370,12 @@ async def test_watch_a_configured_file_replaced_by_an_editor(tmp_path: Path):
         await watching.until(lambda: port_of(source) == 81)
         replace_atomically(web, service_yaml(port=82))
         await watching.until(lambda: port_of(source) == 82)
+        # A configured path that disappears is not a deletion of what it held (a volume
+        # remounted, a link swapped): its last good content stays, and a problem says so.
         web.unlink()
-        await watching.until(lambda: names(source) == [])
+        await watching.until(lambda: bool(source.problems()))
         assert "does not exist" in source.problems()[0].message
+        assert port_of(source) == 82
         write(web, service_yaml(port=84))
         await watching.until(lambda: port_of(source) == 84)
         # The sibling in the same directory is not part of the configuration.
@@ -392,8 +395,12 @@ async def test_watch_picks_up_paths_that_did_not_exist_at_start(tmp_path: Path):
         await watching.until(lambda: len(source.problems()) == 0)
         write(dir_root / "svc.yaml", service_yaml("dir"))
         await watching.until(lambda: names(source) == ["dir", "file"])
+        # A configured directory that disappears keeps serving what was read from it.
         shutil.rmtree(tmp_path / "deep")
-        await watching.until(lambda: names(source) == ["file"])
+        await watching.until(lambda: bool(source.problems()))
+        (problem,) = source.problems()
+        assert problem.location == str(dir_root) and "does not exist" in problem.message
+        assert names(source) == ["dir", "file"]
         write(dir_root / "svc.yaml", service_yaml("again"))
         await watching.until(lambda: names(source) == ["again", "file"])
 

@@ -39,6 +39,7 @@ import watchfiles
 import yaml
 
 from xds.model import Mesh, Problem, ServiceKey, error
+from xds.sources.health import SourceHealth
 from xds.sources.manifests import (
     KEEPING,
     Assembly,
@@ -57,14 +58,22 @@ STDIN = "-"  # as a configured path: standard input, shown as STDIN_LOCATION
 STDIN_LOCATION = "<stdin>"
 # A stream is held in memory whole before parsing; beyond this it is refused, not read on.
 MAX_STREAM_BYTES = 64 * 1024 * 1024
+# So is a file: a bigger one is a problem (its last good content stays), not a memory blow-up.
+MAX_FILE_BYTES = 64 * 1024 * 1024
 
 # The control plane debounces events itself; these only group the few events of one save: they
 # are yielded 1 ms after the last of them (5 ms at most), not after a fixed grouping delay.
 WATCH_DEBOUNCE_MS = 5
 WATCH_STEP_MS = 1
-# A watcher that fails to start (a directory removed under it, the inotify limit) is retried after
-# this long, rather than in a tight loop.
+# A watcher that fails to start (a directory removed under it, the inotify limit), or a read that
+# fails, is retried after this long, doubled at each failure in a row up to WATCH_RETRY_MAX_S.
 WATCH_RETRY_S = 0.5
+WATCH_RETRY_MAX_S = 30.0
+# A watcher that failed counts as recovered once it has run this long without failing again.
+WATCH_STABLE_S = 10.0
+# The parts of the source that report to its health.
+_READING = "reading"
+_WATCHER = "watcher"
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -88,6 +97,8 @@ class _File:
     problems: tuple[Problem, ...] = ()
     # The converted documents of the last good content, by the digest of their text (see _split).
     documents: dict[bytes, list[ConvertedDocument]] = field(default_factory=dict)
+    # Gone from disk while its root was unavailable: still served (see _load).
+    gone: bool = False
 
 
 @dataclass(slots=True)
@@ -102,7 +113,11 @@ class _Stream:
 class ManifestSource:
     """Manifest files and directories, read on `reload()` and kept current by `watch()`."""
 
-    def __init__(self, paths: Sequence[Path]) -> None:
+    def __init__(self, paths: Sequence[Path], health: SourceHealth | None = None) -> None:
+        # What goes wrong in reading and watching, survived and retried (see xds.sources.health).
+        self.health = health if health is not None else SourceHealth("manifests")
+        # Set while watch() runs: asks it to retry, after a pause, what a failed read left pending.
+        self._retry: Callable[[], None] | None = None
         roots: list[_Root] = []
         streams: dict[str, _Stream] = {}  # by location: standard input given twice is read once
         for given in map(Path, paths):
@@ -141,7 +156,7 @@ class ManifestSource:
         """Every Service, from the last good content of every file, once the paths watch events
         named are read: call it off the event loop when events may be pending."""
         with self._lock:
-            self._apply_pending()
+            self._apply_pending_or_retry()
             return self._hand_out()
 
     def problems(self) -> list[Problem]:
@@ -152,10 +167,10 @@ class ManifestSource:
         """
         if self._pending and self._lock.acquire(blocking=False):
             try:
-                self._apply_pending()
+                self._apply_pending_or_retry()
             finally:
                 self._lock.release()
-        return list(self._published)
+        return [*self._published, *self.health.problems()]
 
     def reload(self, changed: Iterable[Path] | None = None) -> list[Problem]:
         """Re-read the files at or under the `changed` paths, or every file when None.
@@ -168,10 +183,18 @@ class ManifestSource:
             if changed is None:
                 with self._pending_lock:
                     self._pending.clear()  # every file is read now
-                touched, _ = self._refresh([r.path for r in self._roots], force_all=True)
+                paths = [r.path for r in self._roots]
             else:
                 paths = [Path(os.path.abspath(p)) for p in changed]
-                touched, _ = self._refresh(paths, force_all=False)
+            try:
+                touched, _ = self._refresh(paths, force_all=changed is None)
+            except Exception as exc:
+                # A bad file is a problem, not a crash (bad input fails in _convert, never here):
+                # what went wrong is reported and the watch reads these paths again.
+                self._reading_failed(exc, paths)
+                touched = set()
+            else:
+                self.health.recovered(_READING)
             files = [self._files[path] for path in sorted(touched) if path in self._files]
             if changed is None:
                 files += [stream.file for stream in self._streams]
@@ -185,12 +208,31 @@ class ManifestSource:
         with self._pending_lock:
             self._pending.update(paths)
 
-    def _apply_pending(self) -> None:
-        """Read what watch events named since the last time (the caller holds `_lock`)."""
+    def _apply_pending_or_retry(self) -> None:
+        """Read what watch events named since the last time (the caller holds `_lock`).
+
+        Should that fail, the last good mesh stays and the paths are read again after a pause
+        (`watch()` retries them with backoff); a reading that keeps failing makes the source
+        unready (see xds.sources.health).
+        """
         with self._pending_lock:
             paths, self._pending = self._pending, set()
-        if paths:
-            self._refresh(sorted(Path(os.path.abspath(p)) for p in paths))
+        if not paths:
+            return
+        named = sorted(Path(os.path.abspath(p)) for p in paths)
+        try:
+            self._refresh(named)
+        except Exception as exc:
+            self._reading_failed(exc, named)
+        else:
+            self.health.recovered(_READING)
+
+    def _reading_failed(self, exc: Exception, paths: Iterable[Path]) -> None:
+        log.exception("reading the manifests failed; keeping the last good content and retrying")
+        self.health.failed(_READING, f"{type(exc).__name__}: {exc}")
+        self._record(paths)
+        if self._retry is not None:
+            self._retry()
 
     def _catch_up(self) -> bool:
         with self._lock:
@@ -220,39 +262,85 @@ class ManifestSource:
         `reload()` and then `watch()` misses nothing in between.
         """
         queue: asyncio.Queue[set[Path] | None] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
         plan: frozenset[tuple[Path, bool]] | None = None
         pumps: list[asyncio.Task[None]] = []
+
+        def retry() -> None:
+            # From the thread whose read failed: an empty batch asks for a retry.
+            loop.call_soon_threadsafe(queue.put_nowait, set())
+
+        self._retry = retry
         try:
             while True:
-                wanted = self._watch_plan()
-                if wanted != plan:
+                try:
+                    plan, pumps = await self._watch_step(queue, plan, pumps, notify, on_ready)
+                except Exception as exc:  # not CancelledError: cancelling still stops the watch
+                    # Nothing stops the watch for good: it starts again from a fresh look at the
+                    # paths, which catches up with what changed meanwhile.
+                    log.exception("watching the manifests failed; starting again")
+                    self.health.failed(_WATCHER, f"{type(exc).__name__}: {exc}")
                     await _stop(pumps)
-                    plan = wanted
-                    pumps = [
-                        asyncio.create_task(self._pump(paths, recursive, queue))
-                        for paths, recursive in _group(plan)
-                    ]
-                    # Each pump's first step creates its inotify watches before it awaits anything,
-                    # and a new task runs before this one resumes: after this, nothing is missed.
-                    await asyncio.sleep(0)
-                    # Off the loop: the catch-up looks at the metadata of every file.
-                    if await asyncio.to_thread(self._catch_up):
-                        notify()
-                    if on_ready is not None:
-                        on_ready()
-                batch = await queue.get()
-                while not queue.empty() and batch is not None:
-                    more = queue.get_nowait()
-                    batch = None if more is None else batch | more
-                if batch is None:
-                    # A watcher died: start them all again, from a fresh look at the paths.
-                    plan = None
-                    await asyncio.sleep(WATCH_RETRY_S)
-                    continue
-                self._record(batch)
-                notify()
+                    plan, pumps = None, []
+                    await asyncio.sleep(self._retry_delay(_WATCHER))
         finally:
+            self._retry = None
             await _stop(pumps)
+
+    async def _watch_step(
+        self,
+        queue: asyncio.Queue[set[Path] | None],
+        plan: frozenset[tuple[Path, bool]] | None,
+        pumps: list[asyncio.Task[None]],
+        notify: Callable[[], None],
+        on_ready: Callable[[], None] | None,
+    ) -> tuple[frozenset[tuple[Path, bool]] | None, list[asyncio.Task[None]]]:
+        """One turn of `watch()`: set the watchers up if what to watch changed, then wait for and
+        record one batch of events. Returns the plan and watchers in place."""
+        wanted = self._watch_plan()
+        if wanted != plan:
+            await _stop(pumps)
+            plan = wanted
+            pumps = [
+                asyncio.create_task(self._pump(paths, recursive, queue))
+                for paths, recursive in _group(plan)
+            ]
+            # Each pump's first step creates its inotify watches before it awaits anything, and
+            # a new task runs before this one resumes: after this, nothing is missed.
+            await asyncio.sleep(0)
+            # Off the loop: the catch-up looks at the metadata of every file.
+            if await asyncio.to_thread(self._catch_up):
+                notify()
+            if on_ready is not None:
+                on_ready()
+        if self.health.is_failing(_WATCHER):
+            try:
+                batch = await asyncio.wait_for(queue.get(), WATCH_STABLE_S)
+            except TimeoutError:
+                self.health.recovered(_WATCHER)
+                return plan, pumps
+        else:
+            batch = await queue.get()
+        while not queue.empty() and batch is not None:
+            more = queue.get_nowait()
+            batch = None if more is None else batch | more
+        if batch is None:
+            # A watcher died (it logged why): start them all again, from a fresh look at the paths.
+            self.health.failed(_WATCHER, "a file watcher stopped")
+            await asyncio.sleep(self._retry_delay(_WATCHER))
+            return None, pumps
+        if not batch:
+            # A read failed and its paths are pending again: retry them after a pause.
+            await asyncio.sleep(self._retry_delay(_READING))
+        else:
+            self.health.recovered(_WATCHER)
+            self._record(batch)
+        notify()
+        return plan, pumps
+
+    def _retry_delay(self, part: str) -> float:
+        failures = self.health.failures(part)
+        return float(min(WATCH_RETRY_MAX_S, WATCH_RETRY_S * 2 ** max(0, failures - 1)))
 
     # Reading.
 
@@ -276,32 +364,49 @@ class ManifestSource:
         before = {path: (f, f.converted) for path in candidates if (f := self._files.get(path))}
         streams_before = [stream.file.converted for stream in self._streams]
         changed = False
-        if force_all:
-            for stream in self._streams:
-                changed |= self._read_stream(stream)
-        for file, forced in sorted(candidates.items()):
-            changed |= self._load(file, forced)
-        changed |= self._check_roots()
-        if changed:
-            changes: dict[str, Converted | None] = {}
-            for path in candidates:
-                old, converted = before.get(path, (None, None))
-                now = self._files.get(path)
-                if now is None:
-                    if old is not None:  # removed
-                        changes[old.location] = None
-                        self._file_problems.pop(old.location, None)
-                    continue
-                if old is None or now.converted is not converted:
-                    changes[now.location] = now.converted
-                self._note_problems(now)
+        completed = False
+        roots: dict[_Root, str | None] = {}
+        try:
             if force_all:
-                for stream, converted in zip(self._streams, streams_before, strict=True):
-                    if stream.file.converted is not converted:
-                        changes[stream.file.location] = stream.file.converted
-                    self._note_problems(stream.file)
-            self._update(changes)
+                for stream in self._streams:
+                    changed |= self._read_stream(stream)
+            for file, forced in sorted(candidates.items()):
+                changed |= self._load(file, forced, roots)
+            completed = True
+        finally:
+            # Also when a read failed half-way (the exception goes on to the caller, who retries):
+            # what was read is joined, so that the files and the assembly agree.
+            changed |= self._check_roots(roots)
+            if changed or not completed:
+                self._join(candidates, before, streams_before, force_all)
         return set(candidates), changed
+
+    def _join(
+        self,
+        candidates: dict[Path, bool],
+        before: dict[Path, tuple[_File, Converted | None]],
+        streams_before: list[Converted | None],
+        force_all: bool,
+    ) -> None:
+        """Join the conversions of the files looked at that changed (under `_lock`)."""
+        changes: dict[str, Converted | None] = {}
+        for path in candidates:
+            old, converted = before.get(path, (None, None))
+            now = self._files.get(path)
+            if now is None:
+                if old is not None:  # removed
+                    changes[old.location] = None
+                    self._file_problems.pop(old.location, None)
+                continue
+            if old is None or now.converted is not converted:
+                changes[now.location] = now.converted
+            self._note_problems(now)
+        if force_all:
+            for stream, converted in zip(self._streams, streams_before, strict=True):
+                if stream.file.converted is not converted:
+                    changes[stream.file.location] = stream.file.converted
+                self._note_problems(stream.file)
+        self._update(changes)
 
     def _update(self, changes: dict[str, Converted | None]) -> None:
         """Join the changed conversions into the mesh and publish the problems (under `_lock`)."""
@@ -340,18 +445,18 @@ class ManifestSource:
                 # The root itself, or a directory on the way to it: the root may have appeared.
                 yield from ((f, f == path) for f in self._scan(root.path))
             elif root.path in path.parents and not _hidden(path.relative_to(root.path)):
-                if path.is_dir():
+                if _is_dir(path):
                     yield from ((f, False) for f in self._scan(path))
-                elif path.name.endswith(MANIFEST_SUFFIXES) and path.is_file():
+                elif path.name.endswith(MANIFEST_SUFFIXES) and _is_file(path):
                     yield path, True
 
     def _scan(self, path: Path) -> Iterator[Path]:
         """The manifest files at or under `path`, as far as it lies inside a configured root."""
         for root in self._roots:
-            if path == root.path and path.is_file():
+            if path == root.path and _is_file(path):
                 yield path
             elif path == root.path or root.path in path.parents:
-                if not path.is_dir():
+                if not _is_dir(path):
                     continue
                 # Symbolic links to directories are not followed: a link cycle would never end,
                 # and the watcher would not see inside them anyway.
@@ -369,27 +474,53 @@ class ManifestSource:
                 return str(root.given / path.relative_to(root.path))
         return str(path)
 
-    def _load(self, path: Path, forced: bool) -> bool:
-        """Read `path` when forced or when its metadata changed; return whether anything changed."""
+    def _load(self, path: Path, forced: bool, roots: dict[_Root, str | None]) -> bool:
+        """Read `path` when forced or when its metadata changed; return whether anything changed.
+
+        `roots` caches, for this refresh, what is wrong with each configured root (None: nothing).
+        A file that is gone while its root is missing or unreadable is not a deletion: a
+        directory renamed, a symbolic link swapped or a volume remounted takes every file with it
+        at once, and serving nothing meanwhile would drop every route. The file keeps its last
+        good content until the root is back and says whether it still holds it.
+        """
         known = self._files.get(path)
         try:
-            status = path.stat()
-        except OSError:
+            status: os.stat_result | None = path.stat()
+        except (FileNotFoundError, NotADirectoryError):
             status = None
+        except OSError as exc:
+            # Not a removal: a directory above that cannot be searched, a symbolic link loop.
+            if known is None:
+                return False
+            if self._root_unavailable(path, roots):
+                return self._keep_gone(known)  # said once, for the root
+            return self._failed(known, f"cannot be read: {exc.strerror or exc}")
         if status is None or not stat.S_ISREG(status.st_mode):
             if known is None:
                 return False
+            if self._root_unavailable(path, roots):
+                return self._keep_gone(known)
             del self._files[path]
             log.info("%s: removed", known.location)
             return True
+        known_gone = known is not None and known.gone
+        if known is not None:
+            known.gone = False
+        if status.st_size > MAX_FILE_BYTES:
+            if known is None:
+                known = self._files[path] = _File(self._location(path))
+            known.signature = None
+            return self._failed(known, f"is larger than {_mib(MAX_FILE_BYTES)}, the most read")
         signature = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns)
         if known is not None and not forced and known.signature == signature:
-            return False
+            return known_gone
         data = b""
         read_error: OSError | None = None
         self.files_read += 1
         try:
-            data = path.read_bytes()
+            with path.open("rb") as reader:
+                # Bounded: the file may have grown since the stat.
+                data = reader.read(MAX_FILE_BYTES + 1)
         except FileNotFoundError:
             # Removed between the stat and the read: the event for the removal follows.
             return False
@@ -400,7 +531,33 @@ class ManifestSource:
         known.signature = signature
         if read_error is not None:
             return self._failed(known, f"cannot be read: {read_error.strerror or read_error}")
+        if len(data) > MAX_FILE_BYTES:
+            known.signature = None
+            return self._failed(known, f"is larger than {_mib(MAX_FILE_BYTES)}, the most read")
         return self._convert(known, data, json_file=path.suffix == ".json")
+
+    def _root_unavailable(self, path: Path, roots: dict[_Root, str | None]) -> bool:
+        root = self._root_of(path)
+        return root is not None and self._root_state(root, roots) is not None
+
+    @staticmethod
+    def _keep_gone(known: _File) -> bool:
+        if known.gone:
+            return False
+        known.gone = True
+        return True
+
+    def _root_of(self, path: Path) -> _Root | None:
+        text = str(path)
+        for root in self._roots:
+            if path == root.path or text.startswith(os.path.join(root.path, "")):
+                return root
+        return None
+
+    def _root_state(self, root: _Root, cache: dict[_Root, str | None]) -> str | None:
+        if root not in cache:
+            cache[root] = _unavailable(root.path)
+        return cache[root]
 
     def _read_stream(self, stream: _Stream) -> bool:
         """Read a stream, once; return whether anything changed (False after the first time)."""
@@ -418,7 +575,7 @@ class ManifestSource:
         except OSError as exc:
             return self._failed(stream.file, f"cannot be read: {exc.strerror or exc}")
         if len(data) > MAX_STREAM_BYTES:
-            limit = f"{MAX_STREAM_BYTES // (1024 * 1024)} MiB"
+            limit = _mib(MAX_STREAM_BYTES)
             return self._failed(stream.file, f"is larger than {limit}, the most read from a stream")
         suffix = "" if stream.path is None else stream.path.suffix
         return self._convert(stream.file, data, json_file=suffix == ".json")
@@ -488,20 +645,42 @@ class ManifestSource:
         file.digest = b""
         return True
 
-    def _check_roots(self) -> bool:
-        missing = tuple(
-            error(
-                f"path {root.given}",
-                "",
-                "does not exist; it is read as soon as it appears",
-                str(root.given),
-            )
-            for root in self._roots
-            if not root.path.exists()
-        )
-        changed = missing != self._missing
-        self._missing = missing
+    def _check_roots(self, states: dict[_Root, str | None]) -> bool:
+        """Publish what is wrong with each configured root; return whether that changed.
+
+        A root that is missing or unreadable while files read from it are known keeps serving
+        them (see `_load`): said here, in the health's degraded parts (`/readyz`'s detail, a
+        metric) and in the log.
+        """
+        missing: list[Problem] = []
+        for root in self._roots:
+            state = self._root_state(root, states)
+            part = f"path {root.given}"
+            if state is None:
+                self.health.degraded(part, None)
+                continue
+            kept = self._kept_under(root)
+            if kept:
+                message = (
+                    f"{state}; serving the last good content of the {kept} file(s) read from it "
+                    "until it is back"
+                )
+            elif state == _DOES_NOT_EXIST:
+                message = f"{state}; it is read as soon as it appears"
+            else:
+                message = state
+            self.health.degraded(part, message)
+            missing.append(error(part, "", message, str(root.given)))
+        changed = tuple(missing) != self._missing
+        self._missing = tuple(missing)
         return changed
+
+    def _kept_under(self, root: _Root) -> int:
+        """How many files known under `root` are served: looked at only while it is unavailable."""
+        if root.path in self._files:
+            return 1
+        prefix = os.path.join(root.path, "")
+        return sum(1 for path in self._files if str(path).startswith(prefix))
 
     def _note_problems(self, file: _File) -> None:
         if file.problems:
@@ -530,14 +709,14 @@ class ManifestSource:
         """What to watch, and whether recursively, for the paths as they are now."""
         plan: set[tuple[Path, bool]] = set()
         for root in self._roots:
-            if root.path.is_dir():
+            if _is_dir(root.path):
                 plan.add((root.path, True))
                 continue
             # A file is watched through its directory, since editors and atomic writes replace it
             # (a watch on the file itself would stay on the old inode); a missing path through the
             # nearest directory that exists, to see it (or a directory on the way) appear.
             parent = root.path.parent
-            while not parent.is_dir() and parent != parent.parent:
+            while not _is_dir(parent) and parent != parent.parent:
                 parent = parent.parent
             plan.add((parent, False))
         return frozenset(
@@ -573,7 +752,7 @@ class ManifestSource:
                 return not _hidden(relative.parent)
             if _hidden(relative):
                 continue
-            if relative.name.endswith(MANIFEST_SUFFIXES) or path.is_dir():
+            if relative.name.endswith(MANIFEST_SUFFIXES) or _is_dir(path):
                 return True
             # A directory that is gone: relevant when files were read from it.
             # A copy: a worker thread may be changing the files while the loop filters events.
@@ -590,6 +769,46 @@ def _is_stream(path: Path) -> bool:
     except OSError:
         return False
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+_DOES_NOT_EXIST = "does not exist"
+
+
+def _unavailable(path: Path) -> str | None:
+    """What keeps a configured root from being read (None: nothing): missing, or unreadable."""
+    try:
+        status = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return _DOES_NOT_EXIST
+    except OSError as exc:  # permissions on the way, a symbolic link loop
+        return f"cannot be read: {exc.strerror or exc}"
+    if stat.S_ISDIR(status.st_mode):
+        try:
+            with os.scandir(path):
+                pass
+        except OSError as exc:
+            return f"cannot be listed: {exc.strerror or exc}"
+    return None
+
+
+def _is_dir(path: Path) -> bool:
+    """`path.is_dir()`, False also where it would raise (a directory above that cannot be
+    searched): a probe of what changed must not stop the watch."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _mib(size: int) -> str:
+    return f"{size // (1024 * 1024)} MiB"
 
 
 def _hidden(relative: Path) -> bool:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import re
+import reprlib
 import socket
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
@@ -1079,11 +1080,19 @@ _TYPE_NAMES = {
 }
 
 
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel = 3
+_SHORT_REPR.maxstring = 40
+_SHORT_REPR.maxother = 40
+
+
 def _show(value: object) -> str:
     """A value as an error message shows it: short, with its YAML type."""
     if value is None:
         return "nothing"
-    text = repr(value)
+    # reprlib: bounded in depth and length, so a value nested a thousand deep (which a plain
+    # repr() would recurse into until RecursionError) costs no more than a short one.
+    text = _SHORT_REPR.repr(value)
     if len(text) > 40:
         text = text[:37] + "..."
     return f"{text} ({_TYPE_NAMES.get(type(value), type(value).__name__)})"
