@@ -190,3 +190,29 @@ async def test_a_publish_wakes_only_the_streams_it_concerns(served):
     for call in calls:
         call.cancel()
     await wait_until(lambda: not server.streams)
+
+
+async def test_an_unknown_type_is_answered_over_grpc_and_not_reported(served):
+    from xds.server.callbacks import Callbacks
+
+    _, server, channel = served
+    pushed: list[str] = []
+
+    class Recorder(Callbacks):
+        def pushed(self, stream_id, stream, response, size, trace_context):
+            pushed.append(response.type_url)
+
+    server.callbacks = Recorder()
+    call = ads_call(channel)
+    secret = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+    await call.write(discovery_pb2.DiscoveryRequest(type_url=secret, resource_names=["s"]))
+    answer = await asyncio.wait_for(call.read(), 5)
+    assert answer.type_url == secret and not answer.resources and answer.nonce
+    # Its ACK gets nothing; the stream goes on serving the types it knows.
+    await call.write(discovery_pb2.DiscoveryRequest(type_url=secret, response_nonce=answer.nonce))
+    await call.write(discovery_pb2.DiscoveryRequest(type_url=CLUSTER))
+    clusters = await asyncio.wait_for(call.read(), 5)
+    assert clusters.type_url == CLUSTER
+    assert pushed == [CLUSTER]  # metrics and traces are labelled by the types served only
+    call.cancel()
+    await wait_until(lambda: not server.streams)

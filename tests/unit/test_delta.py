@@ -207,3 +207,18 @@ def test_one_bad_resource_among_many_is_isolated_and_the_rest_delivered():
     assert list(state.rejections.quarantine) == ["b"]
     assert all(len(s.resources) <= 1 for s in seen[1:])  # retried one at a time
     assert stream.on_snapshot(changed) == []  # nothing re-sent while nothing changes
+
+
+def test_an_unknown_type_is_answered_empty_and_its_ack_is_not(caplog):
+    snap = snapshot(cds={"a": b"1"})
+    stream = DeltaStream()
+    runtime = "type.googleapis.com/envoy.service.runtime.v3.Runtime"
+    with caplog.at_level("WARNING", logger="xds.server.stream"):
+        for _ in range(50):
+            [answer] = stream.on_request(request(runtime, ("r",)), snap)
+            assert answer.type_url == runtime and answer.resources == () and answer.removed == ()
+            parsed = discovery_pb2.DeltaDiscoveryResponse.FromString(answer.encode())
+            assert parsed.type_url == runtime and not parsed.resources and parsed.nonce
+            assert stream.on_request(request(runtime, nonce=answer.nonce), snap) == []
+    assert len([r for r in caplog.records if "does not serve" in r.getMessage()]) == 1
+    assert stream.types == {}

@@ -182,6 +182,68 @@ def test_stale_nonce_is_ignored_unless_the_subscription_changes():
     assert names(answer) == ["a", "b"]
 
 
+def test_an_ack_naming_a_version_never_sent_is_stale_not_recorded():
+    snap = snapshot(cds={"a": b"1"})
+    stream = SotwStream()
+    [first] = stream.on_request(request(CLUSTER), snap)
+    state = stream.types[CLUSTER]
+    # The right nonce with a version the server never sent: not an ACK.
+    assert stream.on_request(request(CLUSTER, version="never-sent", nonce=first.nonce), snap) == []
+    assert state.awaiting_ack and state.acked_version == "" and state.acks == 0
+    # The same as bytes, which an ACK repeating its names takes a path of its own for.
+    raw = request(CLUSTER, version="never-sent", nonce=first.nonce).SerializeToString()
+    assert stream.on_message(raw, snap) == []
+    assert state.awaiting_ack and state.acked_version == "" and state.acks == 0
+    # A stale ACK with new names still changes the subscription (the legacy wildcard ends).
+    assert stream.on_request(request(CLUSTER, ("a",), "never-sent", first.nonce), snap) == []
+    assert not state.sub.wildcard and state.sub.names == {"a"}
+    # The real ACK is recorded, and the subscription change answered.
+    [again] = ack(stream, first, snap, ("a",))
+    assert state.acked_version == first.version and state.acks == 1
+    assert names(again) == ["a"]
+
+
+def test_a_nack_may_name_any_version():
+    snap = snapshot(cds={"a": b"1"})
+    stream = SotwStream()
+    [first] = stream.on_request(request(CLUSTER), snap)
+    # A NACK carries the version the client still runs (here: none), not the one rejected.
+    stream.on_request(request(CLUSTER, version="", nonce=first.nonce, error="bad"), snap)
+    assert stream.types[CLUSTER].rejections.count == 1
+    assert not stream.types[CLUSTER].awaiting_ack
+
+
+def test_an_unknown_type_is_answered_empty_once_per_request_and_logged_once(caplog):
+    snap = snapshot(cds={"a": b"1"})
+    stream = SotwStream(types=(CLUSTER,))
+    secret = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+    with caplog.at_level("WARNING", logger="xds.server.stream"):
+        for _ in range(100):
+            [answer] = stream.on_request(request(secret, ("s",)), snap)
+            assert answer.type_url == secret and answer.resources == () and answer.version == ""
+            parsed = discovery_pb2.DiscoveryResponse.FromString(answer.encode())
+            assert parsed.type_url == secret and not parsed.resources and parsed.nonce
+            # The client's ACK of that answer ends the exchange.
+            assert stream.on_request(request(secret, ("s",), "", answer.nonce), snap) == []
+        # A type served by ADS but not by this (per-type) service is unknown here too.
+        [other] = stream.on_request(request(ENDPOINT, ("a",)), snap)
+        assert other.type_url == ENDPOINT and other.resources == ()
+    assert len([r for r in caplog.records if "does not serve" in r.getMessage()]) == 1
+    assert stream.unknown_requests == 201
+    assert stream.types == {}  # nothing kept of them
+    # Known types are unaffected, and nonces stay unique across both.
+    [cds] = stream.on_request(request(CLUSTER), snap)
+    assert names(cds) == ["a"] and cds.nonce not in {answer.nonce, other.nonce}
+
+
+def test_a_huge_unknown_type_url_is_logged_bounded(caplog):
+    stream = SotwStream()
+    with caplog.at_level("WARNING", logger="xds.server.stream"):
+        stream.on_request(request("x" * 1_000_000), snapshot(cds={}))
+    [record] = caplog.records
+    assert len(record.getMessage()) < 1_000
+
+
 def test_first_request_with_a_version_from_another_server_is_answered():
     snap = snapshot(cds={"a": b"1"})
     stream = SotwStream()

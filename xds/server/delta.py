@@ -167,7 +167,7 @@ class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest
         self, request: discovery_pb2.DeltaDiscoveryRequest, snapshot: SnapshotLike
     ) -> list[DeltaResponse]:
         if not self._accept(request):
-            return []
+            return self._unknown_type(request)
         type_url = request.type_url
         state = self.types.get(type_url)
         first = state is None
@@ -185,6 +185,9 @@ class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest
 
     def _due(self, state: DeltaTypeState) -> bool:
         return not state.answered or super()._due(state)
+
+    def _empty_response(self, type_url: str, nonce: str) -> DeltaResponse:
+        return DeltaResponse(type_url, "", nonce, (), ())
 
     def _removable(
         self, state: DeltaTypeState, name: str, available: Mapping[str, Resource]

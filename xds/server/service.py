@@ -205,9 +205,12 @@ class DiscoveryServer:
                     responses += stream.respond(snapshot)
                 for response in responses:
                     data = response.encode()
-                    self.callbacks.pushed(
-                        stream_id, stream, response, len(data), snapshot.trace_context
-                    )
+                    if response.type_url in stream.types:
+                        # Not the empty answers to types the stream does not serve: metrics
+                        # and traces are labelled by type, and those are the client's choice.
+                        self.callbacks.pushed(
+                            stream_id, stream, response, len(data), snapshot.trace_context
+                        )
                     await context.write(data)
 
         async def read() -> None:

@@ -4,6 +4,7 @@
   version or nonce it carries (it may come from a stream to another server).
 - A request with another nonce than the latest one is stale: it is ignored unless it changes the
   subscription, which is honoured anyway (ignoring it could starve the client of names it needs).
+  So is an ACK (the latest nonce, no error) naming another version than the one sent with it.
 - Clusters and Listeners are sent whole; Endpoints and Routes only for the subscribed names, and
   after a change only those that changed (the client keeps the ones a response leaves out); a new
   subscription or a re-asked type gets every subscribed name. An empty first request for Clusters
@@ -142,6 +143,8 @@ class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]
             key = xxhash.xxh3_128_digest(names_field)
             if key == state.fingerprint:
                 if state.awaiting_ack:
+                    if version != state.sent_version:
+                        return []  # an ACK of a version never sent: stale, and nothing new
                     self._record_reply(state, None, version)
                 return self._respond(snapshot, only=state.type_url)
         return self.on_request(discovery_pb2.DiscoveryRequest.FromString(raw), snapshot, key)
@@ -183,7 +186,7 @@ class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]
         """Responses to a request, which is consumed: the fields that vary between requests are
         cleared from it once read. `fingerprint` is that of its names, if known."""
         if not self._accept(request):
-            return []
+            return self._unknown_type(request)
         type_url = request.type_url
         nonce = request.response_nonce
         error = request.error_detail.message if request.HasField("error_detail") else None
@@ -196,7 +199,12 @@ class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]
             state = self.types[type_url] = TypeState(type_url)
             state.set_subscription(names, fingerprint, first=True)
             state.owed = True
-        elif nonce and nonce != state.last_nonce:
+        elif nonce and (
+            nonce != state.last_nonce
+            # An ACK names the version it accepts, which must be the one sent with that nonce:
+            # recording another would have /debug/syncz claim the client holds what it never got.
+            or (error is None and state.awaiting_ack and version != state.sent_version)
+        ):
             if not state.set_subscription(names, fingerprint, first=False):
                 return []  # stale and nothing new: the answer to it was already superseded
             state.owed = True
@@ -209,6 +217,9 @@ class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]
 
     def _due(self, state: TypeState) -> bool:
         return state.owed or super()._due(state)
+
+    def _empty_response(self, type_url: str, nonce: str) -> Response:
+        return Response(type_url, "", nonce, ())
 
     def _response_for(self, state: TypeState, snapshot: SnapshotLike) -> Response | None:
         plan, removed = self._look(state, snapshot)

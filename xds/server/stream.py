@@ -56,6 +56,8 @@ CONTROL_PLANE_ID = "xds-control-plane"
 # A serialized ControlPlane{identifier (field 1)}, sent in every response of both variants.
 CONTROL_PLANE = encode_len_field(1, CONTROL_PLANE_ID.encode())
 NO_NAMES: frozenset[str] = frozenset()
+# How much of a type URL this stream does not serve goes into the log (the client chose its size).
+UNKNOWN_TYPE_LOGGED = 200
 
 # Told of every reply: the type, None for an ACK or the NACK's message, and the seconds since the
 # response went out.
@@ -301,6 +303,8 @@ class StreamBase(Generic[S, Q, R]):
         self.types: dict[str, S] = {}
         self._nonces = itertools.count(1)
         self.opened_at = time.time()
+        # Requests for types this stream does not serve (answered empty, logged once).
+        self.unknown_requests = 0
 
     def on_request(self, request: Q, snapshot: SnapshotLike) -> list[R]:
         raise NotImplementedError
@@ -333,14 +337,31 @@ class StreamBase(Generic[S, Q, R]):
             self.node_id = request.node.id
             self.node_cluster = request.node.cluster
         if request.type_url not in self.allowed_types:
-            log.warning(
-                "stream %s (%s) asked for unknown type %r",
-                self.peer,
-                self.node_id,
-                request.type_url,
-            )
+            self.unknown_requests += 1
+            if self.unknown_requests == 1:
+                # Once per stream: a client repeating the request must not fill the log.
+                log.warning(
+                    "stream %s (%s) asked for type %r, which this service does not serve: "
+                    "answered with no resources (further such requests are not logged)",
+                    self.peer,
+                    self.node_id,
+                    request.type_url[:UNKNOWN_TYPE_LOGGED],
+                )
             return False
         return True
+
+    def _unknown_type(self, request: Q) -> list[R]:
+        """The answer to a request for a type this stream does not serve: a response without
+        resources to a request that is not a reply (Envoy asking for secrets or runtime over ADS
+        stops waiting for them instead of waiting out its initial fetch timeout), nothing to a
+        reply to it, so that the client's ACK of that response ends the exchange. Nothing is kept
+        of the type: a client naming 20,000 types costs 20,000 small answers and no state."""
+        if request.response_nonce:
+            return []
+        return [self._empty_response(request.type_url, str(next(self._nonces)))]
+
+    def _empty_response(self, type_url: str, nonce: str) -> R:
+        raise NotImplementedError
 
     def _send(self, state: S, version: str, changes: dict[str, str]) -> str:
         """Records a response going out; returns its nonce."""
