@@ -23,7 +23,9 @@ What it serves:
 
 Fault injection: `compact`, `expire_watches` (410 ERROR into open streams), `drop_watches`
 (abrupt close, or clean end of stream), `stall_watches`/`unstall` (connections stay open, nothing
-is sent), `set_endpointslices_enabled` (404 for the discovery.k8s.io group). Counters: list and
+is sent), `set_endpointslices_enabled` (404 for the discovery.k8s.io group), `send_raw` (bytes
+written as they are into open watch streams: malformed lines) and `serve_list_bodies` (the next
+lists of a resource answer 200 with the given bodies instead). Counters: list and
 watch calls per resource, open watches, and a log of every request path.
 
 Every public method is thread-safe. Run it in the test's event loop (``async with
@@ -103,6 +105,13 @@ _END = "end"  # a clean end of the stream
 _ABORT = "abort"  # an abrupt close of the connection
 
 
+@dataclass(frozen=True)
+class _Raw:
+    """Bytes to write into a watch stream as they are."""
+
+    data: bytes
+
+
 @dataclass(eq=False)
 class _Watch:
     """One open watch stream; lives on the server's loop."""
@@ -111,7 +120,7 @@ class _Watch:
     namespace: str | None
     selector: Callable[[dict[str, Any]], bool]
     bookmarks: bool
-    queue: asyncio.Queue[Event | str] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[Event | str | _Raw] = field(default_factory=asyncio.Queue)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     rv: int = 0  # every event up to this resourceVersion has been sent (or filtered out)
     aborted: bool = False
@@ -209,6 +218,9 @@ class KubeAPIServer:
         self._list_calls: collections.Counter[str] = collections.Counter()
         self._watch_calls: collections.Counter[str] = collections.Counter()
         self._get_calls: collections.Counter[str] = collections.Counter()
+        self._list_bodies: dict[str, collections.deque[bytes]] = collections.defaultdict(
+            collections.deque
+        )
         self._requests: list[tuple[str, str]] = []
         self._uids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -438,6 +450,27 @@ class KubeAPIServer:
             for watch in self._watches:
                 self._post(watch, _BOOKMARK)
 
+    def send_raw(self, *lines: bytes) -> None:
+        """Write each of `lines` (a newline added) into every open watch stream, as it is."""
+        with self._lock:
+            for watch in self._watches:
+                for line in lines:
+                    self._post(watch, _Raw(line + b"\n"))
+
+    def serve_list_bodies(self, resource: str, *bodies: bytes) -> None:
+        """Answer the next lists of `resource`, one each, with status 200 and these bodies."""
+        with self._lock:
+            self._list_bodies[resource].extend(bodies)
+
+    def clear_list_bodies(self, resource: str) -> None:
+        """Forget the bodies `serve_list_bodies` gave that are not served yet."""
+        with self._lock:
+            self._list_bodies[resource].clear()
+
+    def list_bodies_left(self, resource: str) -> int:
+        with self._lock:
+            return len(self._list_bodies[resource])
+
     def set_endpointslices_enabled(self, enabled: bool) -> None:
         """Serve the discovery.k8s.io group, or answer 404 for it (open watches are kept)."""
         with self._lock:
@@ -617,6 +650,9 @@ class KubeAPIServer:
         selector = parse_label_selector(request.query.get("labelSelector"))
         with self._lock:
             self._list_calls[rtype.name] += 1
+            bodies = self._list_bodies[rtype.name]
+            if bodies:
+                return web.Response(body=bodies.popleft(), content_type="application/json")
             items = [_as_item(o) for o in self.objects(rtype.name, namespace) if selector(o)]
             rv = str(self._rv)
         return web.json_response(
@@ -690,7 +726,7 @@ class KubeAPIServer:
         request: web.Request,
         response: web.StreamResponse,
         watch: _Watch,
-        backlog: Iterable[Event | str],
+        backlog: Iterable[Event | str | _Raw],
         timeout: float | None,
         initial: bool,
     ) -> web.StreamResponse:
@@ -698,7 +734,7 @@ class KubeAPIServer:
         deadline = loop.time() + timeout if timeout is not None else None
         self._touched()
         # The synthetic initial events, then the replayed history, then live events.
-        pending: collections.deque[Event | str] = collections.deque(backlog)
+        pending: collections.deque[Event | str | _Raw] = collections.deque(backlog)
         if initial and watch.bookmarks and _true(request.query.get("sendInitialEvents")):
             pending.append(_BOOKMARK + ":initial")
         next_bookmark = (
@@ -708,7 +744,7 @@ class KubeAPIServer:
         )
         while True:
             if pending:
-                item: Event | str = pending.popleft()
+                item: Event | str | _Raw = pending.popleft()
             else:
                 wakeups = [t for t in (deadline, next_bookmark) if t is not None]
                 try:
@@ -740,6 +776,9 @@ class KubeAPIServer:
                 await _send(response, {"type": "ERROR", "object": status(410, "Expired", message)})
                 await response.write_eof()
                 return response
+            if isinstance(item, _Raw):
+                await response.write(item.data)
+                continue
             if isinstance(item, str) and item.startswith(_BOOKMARK):
                 if watch.bookmarks:
                     await _send(response, self._bookmark(watch, item.endswith(":initial")))
@@ -770,7 +809,7 @@ class KubeAPIServer:
 
     # ----------------------------------------------------------------------------- plumbing
 
-    def _post(self, watch: _Watch, item: Event | str) -> None:
+    def _post(self, watch: _Watch, item: Event | str | _Raw) -> None:
         """Hand an item to a watch from any thread (called with the lock held: keeps order)."""
         loop = self._loop
         if loop is None or loop.is_closed():
