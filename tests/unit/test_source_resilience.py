@@ -114,6 +114,76 @@ async def test_watch_keeps_serving_a_directory_renamed_away_and_back(tmp_path: P
         assert names(source) == ["a", "b"]
 
 
+# Input is bounded before it is expanded: a problem of its file, also at start.
+
+ALIAS_BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)
+)
+BAD_INPUT = {
+    "alias-bomb.yaml": (ALIAS_BOMB, "expands to more than"),
+    "recursive-alias.yaml": ("a: &a [1, *a]\n", "inside what it refers to"),
+    "deep.yaml": ("a: " + "[" * 995 + "]" * 995 + "\n", "nested deeper than 100 levels"),
+    "deep-block.yaml": (
+        "".join(f"{'  ' * i}k{i}:\n" for i in range(150)) + "  " * 150 + "v\n",
+        "nested deeper than 100 levels",
+    ),
+    # Refused by the bound, or by the json module's recursion limit if that comes first.
+    "deep.json": ('{"a": ' + "[" * 995 + "]" * 995 + "}", "is nested"),
+    "shallower.json": ('{"a": ' + "[" * 150 + "]" * 150 + "}", "nested deeper than 100 levels"),
+    "deeper.json": ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUT))
+def test_bad_input_present_at_start_is_a_problem_of_its_file(tmp_path: Path, name: str):
+    text, expected = BAD_INPUT[name]
+    write(tmp_path / "good.yaml", service_yaml("good"))
+    write(tmp_path / name, text)
+    source = ManifestSource([tmp_path])
+    (problem,) = source.reload()
+    assert problem.location == str(tmp_path / name) and expected in problem.message
+    assert names(source) == ["good"]
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUT))
+def test_bad_input_keeps_the_last_good_content_of_its_file(tmp_path: Path, name: str):
+    text, expected = BAD_INPUT[name]
+    path = write(tmp_path / name, "{}" if name.endswith(".json") else "")
+    path.write_text(
+        '{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},'
+        ' "spec": {"ports": [{"port": 80}]}}'
+        if name.endswith(".json")
+        else service_yaml()
+    )
+    source = ManifestSource([tmp_path])
+    source.reload()
+    path.write_text(text)
+    (problem,) = source.reload([path])
+    assert expected in problem.message and problem.message.endswith("keeping its last good version")
+    assert names(source) == ["web"]
+
+
+def test_an_oversized_file_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(files, "MAX_FILE_BYTES", 1024)
+    write(tmp_path / "a.yaml", service_yaml("a"))
+    write(tmp_path / "big.yaml", service_yaml("big") + "#" * 2000 + "\n")
+    source = ManifestSource([tmp_path])
+    (problem,) = source.reload()
+    assert "is larger than" in problem.message
+    assert names(source) == ["a"]
+
+
+def test_aliases_within_bounds_are_read(tmp_path: Path):
+    write(
+        tmp_path / "anchors.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  labels: &l {app: web}\n"
+        "  annotations: *l\nspec:\n  ports:\n  - port: 80\n",
+    )
+    source = ManifestSource([tmp_path])
+    assert source.reload() == []
+    assert names(source) == ["web"]
+
+
 # A failure inside reading is retried, reported and counted; it is never the end of the watch.
 
 

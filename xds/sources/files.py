@@ -77,6 +77,13 @@ _WATCHER = "watcher"
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
+# Input is bounded before it is expanded (see _check_bounds): collections nested deeper than this
+# (Kubernetes objects are a few levels deep; a thousand levels exhausts the recursion every
+# consumer of the value does), and more values than a text of its size holds without aliases
+# (2 per byte) plus this many: a YAML alias bomb expands a few hundred bytes to billions.
+MAX_DEPTH = 100
+MAX_ALIAS_EXPANSION = 100_000
+
 # (device, inode, size, mtime): what tells a file's content may have changed without reading it.
 _Signature = tuple[int, int, int, int]
 
@@ -589,7 +596,7 @@ class ManifestSource:
         file.digest = digest
         try:
             documents = self._documents(file, data, json_file)
-        except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        except (yaml.YAMLError, ValueError, RecursionError, MemoryError) as exc:
             return self._failed(file, _parse_error(exc, json_file))
         file.converted = join_documents(documents, file.location, previous=file.converted)
         file.problems = file.converted.problems
@@ -609,7 +616,7 @@ class ManifestSource:
             try:
                 # Every new text is parsed before anything is converted: a file is good as a whole
                 # or not at all.
-                parsed[key] = list(yaml.load_all(chunk, Loader=_Loader))
+                parsed[key] = _load_yaml(chunk)
             except (yaml.YAMLError, ValueError, RecursionError):
                 # Parsed whole instead, whose error (if it is one) tells the line in the file.
                 chunks = None
@@ -843,15 +850,86 @@ def _split(data: bytes) -> list[bytes] | None:
     return [data[start:end] for start, end in zip(starts, [*starts[1:], len(data)], strict=True)]
 
 
-def _parse(data: bytes, json_file: bool) -> list[object]:
-    if json_file:
-        # A JSON file is one object; the json module, unlike a YAML 1.1 parser, reads all of JSON.
-        return [json.loads(data)]
-    # Parsed to the end before anything is converted: a file is good as a whole or not at all.
+class _Refused(ValueError):
+    """Input refused before it is expanded, by the bounds above."""
+
+
+def _check_bounds(data: bytes) -> None:
+    """Refuse YAML that nests deeper than MAX_DEPTH, whose aliases expand it beyond a text of its
+    size, or whose alias refers to a collection it is inside of (a cycle).
+
+    One pass over the parser's events (iterative, in constant memory but for the anchors), before
+    any node or value is built: what the bounds are for must not be allocated to check them.
+    """
+    limit = 2 * len(data) + MAX_ALIAS_EXPANSION
+    nodes = 0
+    opened: list[tuple[str | None, int]] = []  # the collections open: (anchor, nodes before)
+    sizes: dict[str, int] = {}  # the values an anchor stands for, aliases expanded
+    for event in yaml.parse(data, Loader=_Loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(opened) >= MAX_DEPTH:
+                raise _Refused(f"is nested deeper than {MAX_DEPTH} levels")
+            opened.append((event.anchor, nodes))
+            nodes += 1
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, before = opened.pop()
+            if anchor is not None:
+                sizes[anchor] = nodes - before
+        elif isinstance(event, yaml.ScalarEvent):
+            nodes += 1
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.AliasEvent) and event.anchor is not None:
+            size = sizes.get(event.anchor)
+            if size is None:
+                if any(anchor == event.anchor for anchor, _ in opened):
+                    raise _Refused(f"has an alias *{event.anchor} inside what it refers to")
+                continue  # an undefined alias: the parse that follows says where
+            nodes += size
+        if nodes > limit:
+            raise _Refused(
+                f"expands to more than {limit} values (YAML aliases, each counted as what it "
+                "stands for); refused before expanding it"
+            )
+
+
+def _check_depth(value: object) -> None:
+    """Refuse a parsed JSON value nested deeper than MAX_DEPTH (iteratively: no recursion)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children: Iterable[object]
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            raise _Refused(f"is nested deeper than {MAX_DEPTH} levels")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _load_yaml(data: bytes) -> list[object]:
+    _check_bounds(data)
     return list(yaml.load_all(data, Loader=_Loader))
 
 
+def _parse(data: bytes, json_file: bool) -> list[object]:
+    if json_file:
+        # A JSON file is one object; the json module, unlike a YAML 1.1 parser, reads all of JSON.
+        value = json.loads(data)
+        _check_depth(value)
+        return [value]
+    # Parsed to the end before anything is converted: a file is good as a whole or not at all.
+    return _load_yaml(data)
+
+
 def _parse_error(exc: Exception, json_file: bool) -> str:
+    if isinstance(exc, _Refused):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return "is too big to parse"
     if isinstance(exc, json.JSONDecodeError):
         return f"is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
