@@ -11,7 +11,13 @@ it can be read only once, so it is read at the first full `reload()`, at most `M
 and never watched.
 
 A file that cannot be read or parsed keeps its last good content in service; an object that turns
-invalid keeps its last good version (see `manifests.convert_documents`). A change re-reads only the
+invalid keeps its last good version (see `manifests.convert_documents`). A configured path that
+disappears or cannot be read (a directory renamed, a link swapped, a volume remounted) keeps serving
+every file read from it until it is back: that is not a deletion, which a file removed from a
+present directory still is. Input is bounded before it is expanded (file size, nesting depth, YAML
+alias expansion: `_check_bounds`); beyond the bounds a file is a problem, at start as later.
+Failures of reading or watching are retried with backoff and reported to `health`
+(`xds.sources.health`); nothing ends the watch but cancelling it. A change re-reads only the
 files it touched, and joins only their conversions into the mesh (`manifests.Assembly`).
 
 A watch event only records the paths it names: reading, parsing, converting and joining happen when
