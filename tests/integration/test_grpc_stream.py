@@ -216,3 +216,20 @@ async def test_an_unknown_type_is_answered_over_grpc_and_not_reported(served):
     assert pushed == [CLUSTER]  # metrics and traces are labelled by the types served only
     call.cancel()
     await wait_until(lambda: not server.streams)
+
+
+async def test_a_huge_node_id_ends_the_stream_with_invalid_argument(served):
+    _, server, channel = served
+    call = ads_call(channel)
+    await call.write(discovery_pb2.DiscoveryRequest(type_url=CLUSTER, node={"id": "n" * 1_000_000}))
+    assert await asyncio.wait_for(call.code(), 5) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "node.id has 1000000 characters" in await call.details()
+    await wait_until(lambda: not server.streams)
+    assert server.syncz() == []
+    # A proxy with a real id is served as before.
+    call = ads_call(channel)
+    await call.write(discovery_pb2.DiscoveryRequest(type_url=CLUSTER, node={"id": "proxy-1"}))
+    await asyncio.wait_for(call.read(), 5)
+    assert [s["node_id"] for s in server.syncz()] == ["proxy-1"]
+    call.cancel()
+    await wait_until(lambda: not server.streams)

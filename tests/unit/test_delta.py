@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.cache import Snapshot
 from xds.resources import CLUSTER, ENDPOINT, ROUTE, Resource
 from xds.server.delta import DeltaResponse, DeltaStream
+from xds.server.stream import MAX_NODE_FIELD, InvalidRequest
 
 
 def snapshot(**by_type: dict[str, bytes]) -> Snapshot:
@@ -222,3 +225,15 @@ def test_an_unknown_type_is_answered_empty_and_its_ack_is_not(caplog):
             assert stream.on_request(request(runtime, nonce=answer.nonce), snap) == []
     assert len([r for r in caplog.records if "does not serve" in r.getMessage()]) == 1
     assert stream.types == {}
+
+
+def test_a_node_longer_than_the_limit_is_refused():
+    snap = snapshot(cds={"a": b"1"})
+    req = request(CLUSTER)
+    req.node.cluster = "c" * (MAX_NODE_FIELD + 1)
+    with pytest.raises(InvalidRequest, match="node.cluster"):
+        DeltaStream().on_message(req.SerializeToString(), snap)
+    req.node.cluster = "c" * MAX_NODE_FIELD
+    stream = DeltaStream()
+    assert len(stream.on_request(req, snap)) == 1
+    assert stream.node_cluster == req.node.cluster

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.cache import Snapshot
 from xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource
 from xds.server.sotw import Response, SotwStream
+from xds.server.stream import MAX_NACK_MESSAGE, MAX_NODE_FIELD, InvalidRequest
 
 
 def snapshot(**by_type: dict[str, bytes]) -> Snapshot:
@@ -337,3 +340,39 @@ def test_one_bad_resource_among_many_changes_is_isolated_and_the_rest_delivered(
     run_client(stream, fixed, stream.on_snapshot(fixed), bad={b"BAD"})
     assert state.accepted["b"].body == b"b2"
     assert not state.rejections.quarantine and state.rejections.nack is None
+
+
+def test_a_node_id_or_cluster_longer_than_the_limit_is_refused():
+    snap = snapshot(cds={"a": b"1"})
+    at_limit = "n" * MAX_NODE_FIELD
+    stream = SotwStream()
+    req = request(CLUSTER)
+    req.node.id, req.node.cluster = at_limit, at_limit
+    [response] = stream.on_request(req, snap)
+    assert stream.node_id == at_limit and stream.node_cluster == at_limit
+    assert stream.describe()["node_id"] == at_limit
+    for field in ("id", "cluster"):
+        req = request(CLUSTER)
+        setattr(req.node, field, "n" * (MAX_NODE_FIELD + 1))
+        with pytest.raises(InvalidRequest, match=f"node.{field} has {MAX_NODE_FIELD + 1}"):
+            SotwStream().on_message(req.SerializeToString(), snap)
+    # The limit is the server's to choose.
+    big = request(CLUSTER, node_id="n" * 5000)
+    assert len(SotwStream(max_node_field=5000).on_request(big, snap)) == 1
+    with pytest.raises(InvalidRequest):
+        SotwStream(max_node_field=10).on_request(request(CLUSTER, node_id="n" * 11), snap)
+
+
+def test_a_nack_message_is_kept_and_reported_bounded():
+    snap = snapshot(cds={"a": b"bad"})
+    replies: list[str | None] = []
+    stream = SotwStream(on_reply=lambda _type, message, _seconds: replies.append(message))
+    [response] = stream.on_request(request(CLUSTER), snap)
+    huge = "e" * 1_000_000
+    stream.on_request(request(CLUSTER, nonce=response.nonce, error=huge), snap)
+    nack = stream.describe()["types"]["CDS"]["last_nack"]
+    assert nack is not None
+    assert nack["message"].startswith("e" * MAX_NACK_MESSAGE)
+    assert len(nack["message"]) < MAX_NACK_MESSAGE + 100
+    assert nack["message"].endswith(f"({1_000_000 - MAX_NACK_MESSAGE} more characters)")
+    assert replies == [nack["message"]]

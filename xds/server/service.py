@@ -21,7 +21,7 @@ from xds.server.callbacks import Callbacks
 from xds.server.delta import DeltaResponse, DeltaStream
 from xds.server.index import SubscriptionIndex
 from xds.server.sotw import Response, SotwStream
-from xds.server.stream import StreamBase, StreamStatus
+from xds.server.stream import MAX_NODE_FIELD, InvalidRequest, StreamBase, StreamStatus
 from xds.server.tracing import TracingCallbacks
 from xds.server.views import PerTypeViews, Rewrite, SnapshotView
 
@@ -84,8 +84,12 @@ class DiscoveryServer:
         cache: Cache,
         per_type_rewrite: Rewrite | None = None,
         callbacks: Callbacks | None = None,
+        *,
+        max_node_field: int = MAX_NODE_FIELD,
     ) -> None:
         self.cache = cache
+        # The longest node id and cluster a stream accepts (see `stream.MAX_NODE_FIELD`).
+        self.max_node_field = max_node_field
         # Told of every stream, push and reply: metrics and tracing (tracing alone by default).
         self.callbacks = callbacks if callbacks is not None else TracingCallbacks()
         # Clients on per-type streams need clusters and listeners rewritten (see `views`).
@@ -148,7 +152,12 @@ class DiscoveryServer:
             def on_reply(type_url: str, error_message: str | None, seconds: float) -> None:
                 self.callbacks.replied(stream_id, type_url, error_message, seconds)
 
-            stream = stream_type(peer=context.peer(), types=types, on_reply=on_reply)
+            stream = stream_type(
+                peer=context.peer(),
+                types=types,
+                on_reply=on_reply,
+                max_node_field=self.max_node_field,
+            )
             await self.serve(context, stream, api_type, stream_id)
 
         # Requests arrive as bytes: the stream parses them, and a SotW ACK that repeats its
@@ -232,6 +241,9 @@ class DiscoveryServer:
                     await context.abort(
                         grpc.StatusCode.INVALID_ARGUMENT, "not a discovery request of this service"
                     )
+                except InvalidRequest as exc:
+                    log.warning("stream %s refused: %s", stream.peer, exc)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
         async def push() -> None:
             while True:

@@ -58,6 +58,27 @@ CONTROL_PLANE = encode_len_field(1, CONTROL_PLANE_ID.encode())
 NO_NAMES: frozenset[str] = frozenset()
 # How much of a type URL this stream does not serve goes into the log (the client chose its size).
 UNKNOWN_TYPE_LOGGED = 200
+# The longest node id and node cluster accepted (characters). Both are kept for the life of the
+# stream and shown in /debug/syncz, logs and traces: unbounded, 6 streams with a 60 MB cluster
+# took 750 MB. Real ids are far shorter: a Kubernetes pod name and namespace are at most 253 + 63
+# characters, Istio's `sidecar~<ip>~<pod>.<ns>~<ns>.svc.cluster.local` about 400. A longer one
+# is refused (INVALID_ARGUMENT, which Envoy logs), not cut: a cut id could pass for another proxy.
+MAX_NODE_FIELD = 1024
+# How much of a NACK's message is kept (/debug/syncz) and logged: Envoy's run to a few hundred
+# characters per rejected resource, and only the client bounds them.
+MAX_NACK_MESSAGE = 4096
+
+
+class InvalidRequest(ValueError):
+    """A request the server refuses to serve (the stream ends with INVALID_ARGUMENT)."""
+
+
+def bounded(text: str, limit: int) -> str:
+    """The text, cut to `limit` characters and saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
 
 # Told of every reply: the type, None for an ACK or the NACK's message, and the seconds since the
 # response went out.
@@ -293,13 +314,19 @@ class StreamBase(Generic[S, Q, R]):
     """The shared half of a stream; a variant supplies its request handling and its responses."""
 
     def __init__(
-        self, peer: str = "", types: tuple[str, ...] = ADS_ORDER, on_reply: ReplyHook | None = None
+        self,
+        peer: str = "",
+        types: tuple[str, ...] = ADS_ORDER,
+        on_reply: ReplyHook | None = None,
+        *,
+        max_node_field: int = MAX_NODE_FIELD,
     ) -> None:
         self.peer = peer
         self._on_reply = on_reply
         self.allowed_types = types
         self.node_id = ""
         self.node_cluster = ""
+        self._max_node_field = max_node_field
         self.types: dict[str, S] = {}
         self._nonces = itertools.count(1)
         self.opened_at = time.time()
@@ -330,12 +357,21 @@ class StreamBase(Generic[S, Q, R]):
         return self._respond(snapshot)
 
     def _accept(self, request: Q) -> bool:
-        """Remembers the node; False for a type this stream does not serve."""
+        """Remembers the node; False for a type this stream does not serve. Raises InvalidRequest
+        for a node id or cluster longer than the stream accepts."""
         if request.HasField("node") and not self.node_id:
-            # Keep only what identifies the client: the full node (with Envoy's extension list) is
-            # tens of kilobytes and arrives once per stream.
-            self.node_id = request.node.id
-            self.node_cluster = request.node.cluster
+            # Keep only what identifies the client: the full node (with Envoy's extension list and
+            # its metadata) is tens of kilobytes and arrives once per stream; nothing else of it
+            # is read, so only these two fields need a bound.
+            node = request.node
+            for what, value in (("id", node.id), ("cluster", node.cluster)):
+                if len(value) > self._max_node_field:
+                    raise InvalidRequest(
+                        f"node.{what} has {len(value)} characters; "
+                        f"at most {self._max_node_field} are accepted"
+                    )
+            self.node_id = node.id
+            self.node_cluster = node.cluster
         if request.type_url not in self.allowed_types:
             self.unknown_requests += 1
             if self.unknown_requests == 1:
@@ -374,6 +410,8 @@ class StreamBase(Generic[S, Q, R]):
         in_flight, state.in_flight = state.in_flight, None
         if in_flight is None:
             return
+        if error_message is not None:
+            error_message = bounded(error_message, MAX_NACK_MESSAGE)
         if self._on_reply is not None:
             self._on_reply(state.type_url, error_message, time.monotonic() - in_flight.at)
         changes = in_flight.changes
