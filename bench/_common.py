@@ -227,6 +227,8 @@ def start_serve(
         xds_command(
             "--log-level", "WARNING", "serve", *options,
             "--xds-port", str(xds_port), "--admin-port", str(admin_port),
+            # Every endpoint here is on loopback, refused unless allowed.
+            "--allow-endpoints", "127.0.0.0/8",
         ),
         log_path,
     )  # fmt: skip

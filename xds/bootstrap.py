@@ -74,6 +74,18 @@ def grpc_cluster(name: str, address: str) -> dict[str, Any]:
     }
 
 
+def _check_loopback_admin(address: str) -> None:
+    """Envoy's admin API answers anyone who reaches it (/quitquitquit stops Envoy, /config_dump
+    shows every secret name): it stays on a loopback address, which the control plane never sends
+    mesh traffic to (xds.translate refuses loopback endpoints unless allowed)."""
+    try:
+        loopback = ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"Envoy's admin address must be a loopback IP address, not {address!r}")
+
+
 def bootstrap(
     node_id: str,
     xds_address: str,
@@ -86,6 +98,7 @@ def bootstrap(
     """The bootstrap as a dict in Envoy's JSON/YAML shape. With `otel_collector` (HOST:PORT of an
     OTLP/gRPC collector) it defines the cluster `otel_collector` that request tracing sends to
     (`xds serve --tracing-cluster otel_collector`)."""
+    _check_loopback_admin(admin_address)
     clusters = [grpc_cluster(XDS_CLUSTER, xds_address)]
     if otel_collector is not None:
         clusters.append(grpc_cluster(OTEL_CLUSTER_NAME, otel_collector))

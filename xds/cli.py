@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from xds.config import LB_POLICIES, Settings
+from xds.config import LB_POLICIES, Settings, parse_cidr
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         tracing_cluster=args.tracing_cluster,
         protocol_detection_timeout_s=args.protocol_detection_timeout,
         cluster_patch_namespaces=tuple(args.allow_cluster_patch or ()),
+        allowed_endpoint_ranges=tuple(args.allow_endpoints or ()),
     )
 
 
@@ -236,6 +237,22 @@ def _add_translation_options(parser: argparse.ArgumentParser, kubernetes: bool =
         help="let Services of this namespace use the xds.dev/cluster-patch annotation ('*': every "
         "namespace); repeatable (default: none)",
     )
+    parser.add_argument(
+        "--allow-endpoints",
+        action="append",
+        type=_cidr,
+        metavar="CIDR",
+        help="serve endpoints in this range although it is loopback, link-local or unspecified "
+        "(refused by default: from the proxy they reach its own node); repeatable",
+    )
+
+
+def _cidr(text: str) -> str:
+    """An argparse type: a CIDR range (Settings checks it again; here it is a usage error)."""
+    try:
+        return str(parse_cidr(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_seconds(text: str) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,11 @@ class Settings:
     # namespace). Off by default: a patch is tenant-written Envoy config, so enabling it is the
     # operator's decision; even then only the fields in xds.translate.PATCHABLE_CLUSTER_FIELDS.
     cluster_patch_namespaces: tuple[str, ...] = ()
+    # Endpoint addresses (and ExternalName IP literals) in loopback, link-local and unspecified
+    # ranges are refused, because from the proxy they reach its own node: Envoy's admin API, the
+    # cloud metadata service. These CIDRs re-allow such addresses (tests and the demo run their
+    # backends on loopback), e.g. ("127.0.0.0/8",).
+    allowed_endpoint_ranges: tuple[str, ...] = ()
     # Clients on per-type streams are told to fetch endpoints and routes through this cluster.
     xds_cluster_name: str = XDS_CLUSTER_NAME
 
@@ -69,7 +75,18 @@ class Settings:
             raise ValueError("listener_port_offset must be in [0, 65535)")
         if self.protocol_detection_timeout_s <= 0:
             raise ValueError("protocol_detection_timeout_s must be positive")
+        for cidr in self.allowed_endpoint_ranges:
+            parse_cidr(cidr)
         if any(not namespace for namespace in self.cluster_patch_namespaces):
             raise ValueError("cluster_patch_namespaces: a namespace cannot be empty")
         if self.debounce_quiet_s < 0 or self.debounce_max_s < self.debounce_quiet_s:
             raise ValueError("need 0 <= debounce_quiet_s <= debounce_max_s")
+
+
+def parse_cidr(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An address range such as `127.0.0.2/32` or `::1/128` (an address alone is its own /32 or
+    /128). Host bits set (`127.0.0.1/8`) are refused: the author probably meant something else."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a CIDR range such as 127.0.0.2/32: {exc}") from None

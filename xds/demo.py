@@ -72,6 +72,9 @@ async def _demo(requests: int, rate: float) -> int:
         admin_port=free_port(),
         listener_address="127.0.0.1",
         listener_port_offset=LISTENER_OFFSET,
+        # The stand-in pods are on loopback, which a real mesh refuses (it reaches the proxy's own
+        # node); here the proxy's node is the point.
+        allowed_endpoint_ranges=("127.0.0.0/8",),
     )
     plane = ControlPlane(settings)
     ports = await plane.start()

@@ -49,6 +49,22 @@ Annotations are tenant-written: a value too long, invalid or refused is an error
 and `metadata.annotations["<annotation>"]` (and, in a patch, the offending field), and the Service
 is served without it.
 
+No route to the proxy's own node: an endpoint address (EndpointSlice, Endpoints) in a loopback
+(127.0.0.0/8, ::1), link-local (169.254.0.0/16, fe80::/10) or unspecified (0.0.0.0/8, ::) range,
+IPv4-mapped forms included, is left out of its clusters with an error naming the object and the
+address's field, unless `Settings.allowed_endpoint_ranges` (`--allow-endpoints CIDR`) covers it:
+from a proxy, such an address reaches the proxy's node itself (Envoy's admin API, whose
+`/quitquitquit` stops it; the cloud metadata service at 169.254.169.254). The same goes for an
+ExternalName target that is an IP literal (in any form a resolver reads as one: `127.1`,
+`2130706433`) or a name of the local host (`localhost`, `*.localhost`, `localhost.localdomain`,
+`ip6-localhost`, ...; allowed only if both 127.0.0.1 and ::1 are): its clusters keep their names
+and have no endpoint. Other host names are not resolved here (translation does no I/O, and Envoy
+resolves them again at every DNS refresh, so an answer checked here could differ from the one
+Envoy connects to): a DNS name that resolves to such an address is not caught here. Where
+tenants may create ExternalName Services, the DNS the proxies use must not answer such addresses
+for outside names (most resolvers can filter them: dnsmasq's --stop-dns-rebind, Unbound's
+private-address).
+
 The work is incremental: a Translator remembers each Service's output and translates again only
 the Services whose inputs changed; route configurations are assembled by joining the virtual hosts'
 serialized bytes.
@@ -61,6 +77,7 @@ import ipaddress
 import itertools
 import json
 import re
+import socket
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -97,8 +114,9 @@ from xds._pb.envoy.extensions.load_balancing_policies.random.v3 import random_pb
 from xds._pb.envoy.extensions.load_balancing_policies.round_robin.v3 import round_robin_pb2
 from xds._pb.envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from xds._pb.envoy.type.v3 import percent_pb2
-from xds.config import LB_POLICIES, Settings
+from xds.config import LB_POLICIES, Settings, parse_cidr
 from xds.model import (
+    Endpoint,
     EndpointGroup,
     Mesh,
     Problem,
@@ -441,6 +459,7 @@ class Translator:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._destinations = _Destinations(settings.allowed_endpoint_ranges)
         self._serial = 0
         self._forget()
 
@@ -871,6 +890,11 @@ class Translator:
         service = entry.service
         problems: list[Problem] = []
         options = self._cluster_options(service, problems)
+        if service.type == "ExternalName":
+            groups: tuple[EndpointGroup, ...] = ()
+            external = self._external_target(service, problems)
+        else:
+            groups = self._vet_endpoints(entry, problems)
         clusters: list[Resource] = []
         assignments: list[Resource] = []
         virtual_hosts: list[tuple[int, bytes]] = []
@@ -888,10 +912,10 @@ class Translator:
             name = cluster_name(service.key, port)
             protocol = port_protocol(port)
             if service.type == "ExternalName":
-                clusters.append(self._external_cluster(service, port, protocol, name, options))
+                clusters.append(self._external_cluster(external, port, protocol, name, options))
             else:
                 clusters.append(self._eds_cluster(protocol, name, options))
-                assignments.append(self._assignment(entry, port, name, problems))
+                assignments.append(self._assignment(service, groups, port, name, problems))
             port_claims.append(
                 PortClaim(
                     port.port,
@@ -987,14 +1011,22 @@ class Translator:
 
     def _external_cluster(
         self,
-        service: Service,
+        target: str | None,
         port: ServicePort,
         protocol: PortProtocol,
         name: str,
         options: _ClusterOptions,
     ) -> Resource:
+        if target is None:
+            # A refused target: the cluster stays (routes and tcp_proxy name it), with no host.
+            cluster = cluster_pb2.Cluster(
+                name=name,
+                type=cluster_pb2.Cluster.STATIC,
+                load_assignment=endpoint_pb2.ClusterLoadAssignment(cluster_name=name),
+            )
+            self._finish_cluster(cluster, protocol, options)
+            return Resource.from_message(name, cluster)
         # An ExternalName is a DNS alias: clients reach the external host on the service port.
-        target = port.port
         cluster = cluster_pb2.Cluster(
             name=name,
             type=cluster_pb2.Cluster.STRICT_DNS,
@@ -1003,7 +1035,7 @@ class Translator:
                 cluster_name=name,
                 endpoints=[
                     endpoint_components_pb2.LocalityLbEndpoints(
-                        lb_endpoints=[_lb_endpoint(service.external_name or "", target)]
+                        lb_endpoints=[_lb_endpoint(target, port.port)]
                     )
                 ],
             ),
@@ -1011,14 +1043,90 @@ class Translator:
         self._finish_cluster(cluster, protocol, options)
         return Resource.from_message(name, cluster)
 
+    def _external_target(self, service: Service, problems: list[Problem]) -> str | None:
+        """The host an ExternalName Service's clusters resolve, or None (with an error) when it
+        names the proxy's own node: `localhost` and its kin, or an IP literal in a refused range
+        (in any form a resolver reads as IPv4: `127.1`, `2130706433`, `0x7f.1`). Other host names
+        are resolved by Envoy, not here: translation does no I/O, and Envoy resolves again every
+        DNS refresh, so an answer checked here could differ from the one Envoy uses (see the
+        module docstring)."""
+        target = service.external_name or ""
+        host = target.removesuffix(".").lower()
+        why: str | None = None
+        allowance = "CIDR"
+        if host in _LOCAL_HOST_NAMES or host.endswith(".localhost"):
+            # It may resolve to either loopback address (a patch may set dns_lookup_family).
+            if not all(self._destinations.allows(ip) for ip in _LOCAL_HOST_ADDRESSES):
+                why = "names the local host, which " + _WHY_REFUSED["loopback"].removeprefix("is ")
+                allowance = "127.0.0.1/32 --allow-endpoints ::1/128"
+        else:
+            packed = _packed_ipv4_literal(host)
+            if packed is not None:
+                why = self._destinations.refusal(packed)
+        if why is None:
+            return target
+        problems.append(
+            error(
+                f"Service {service.key}",
+                "spec.externalName",
+                f"{_show(target)} {why}; its clusters have no endpoint (allow with "
+                f"--allow-endpoints {allowance})",
+            )
+        )
+        return None
+
+    def _vet_endpoints(
+        self, entry: ServiceEntry, problems: list[Problem]
+    ) -> tuple[EndpointGroup, ...]:
+        """The entry's endpoint groups without the addresses the proxy must not be sent to
+        (loopback, link-local, unspecified, unless allowed), each refused with an error naming
+        the EndpointSlice or Endpoints object and the address's field."""
+        refusal = self._destinations.refusal_of_text
+        vetted: list[EndpointGroup] | None = None
+        subset = 0  # which subset of an Endpoints object (its groups come one after another)
+        for index, group in enumerate(entry.groups):
+            if index and group.source == entry.groups[index - 1].source:
+                subset += 1
+            else:
+                subset = 0
+            kept: list[Endpoint] | None = None
+            for position, endpoint in enumerate(group.endpoints):
+                why = refusal(endpoint.address)
+                if why is None:
+                    if kept is not None:
+                        kept.append(endpoint)
+                    continue
+                if kept is None:
+                    kept = list(group.endpoints[:position])
+                problems.append(
+                    error(
+                        group.source,
+                        _address_field(group, subset, position),
+                        f"{_show(endpoint.address)} {why}; left out of Service {entry.service.key} "
+                        "(allow with --allow-endpoints CIDR)",
+                    )
+                )
+            if kept is not None and vetted is None:
+                vetted = list(entry.groups[:index])
+            if vetted is not None:
+                vetted.append(
+                    group if kept is None else EndpointGroup(group.source, group.ports, tuple(kept))
+                )
+        return entry.groups if vetted is None else tuple(vetted)
+
     def _assignment(
-        self, entry: ServiceEntry, port: ServicePort, name: str, problems: list[Problem]
+        self,
+        service: Service,
+        groups: tuple[EndpointGroup, ...],
+        port: ServicePort,
+        name: str,
+        problems: list[Problem],
     ) -> Resource:
         by_locality: dict[tuple[str, str], dict[tuple[str, int], health_check_pb2.HealthStatus]] = (
             defaultdict(dict)
         )
-        for group in entry.groups:
-            number = _resolve_port(entry.service, port, group, problems)
+        for group in groups:
+            number = _resolve_port(service, port, group, problems)
             if number is None:
                 continue
             for endpoint in group.endpoints:
@@ -1055,6 +1163,121 @@ class Translator:
             ip = service.cluster_ip
             bases.append(f"[{ip}]" if ipaddress.ip_address(ip).version == 6 else ip)
         return [domain for base in bases for domain in (base, f"{base}:{port.port}")]
+
+
+# Why an address is refused, by the kind of range it is in.
+_WHY_REFUSED = {
+    "loopback": "is a loopback address: from the proxy it reaches the proxy's own node (Envoy's "
+    "admin API among others)",
+    "link-local": "is a link-local address: from the proxy it reaches the node's link (the cloud "
+    "metadata service at 169.254.169.254 among others)",
+    "unspecified": "is an unspecified address: a connection to it reaches the proxy's own node",
+    "invalid": "is not an IP address",
+}
+# Names that resolve to the local host whatever DNS says: RFC 6761's localhost (and *.localhost),
+# and the loopback names of common /etc/hosts files.
+_LOCAL_HOST_NAMES = frozenset(
+    {
+        "localhost",
+        "localhost.localdomain",
+        "localhost4",
+        "localhost4.localdomain4",
+        "localhost6",
+        "localhost6.localdomain6",
+        "ip6-localhost",
+        "ip6-loopback",
+    }
+)
+_LOCAL_HOST_ADDRESSES = (socket.inet_pton(socket.AF_INET, "127.0.0.1"), bytes(15) + b"\x01")
+
+
+def _local_kind(packed: bytes) -> str | None:
+    """The refused range a packed IPv4 or IPv6 address is in: loopback (127.0.0.0/8, ::1),
+    link-local (169.254.0.0/16, fe80::/10) or unspecified (0.0.0.0/8, which Linux connects
+    locally, and ::); IPv4-mapped IPv6 addresses (::ffff:127.0.0.1) as their IPv4 address."""
+    if len(packed) == 16:
+        if packed[:12] == _MAPPED_PREFIX:
+            return _local_kind(packed[12:])
+        if packed[:15] == bytes(15) and packed[15] < 2:
+            return "loopback" if packed[15] else "unspecified"
+        if packed[0] == 0xFE and packed[1] & 0xC0 == 0x80:
+            return "link-local"
+        return None
+    first = packed[0]
+    if first == 127:
+        return "loopback"
+    if first == 169 and packed[1] == 254:
+        return "link-local"
+    if first == 0:
+        return "unspecified"
+    return None
+
+
+_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+
+
+def _packed_ipv4_literal(host: str) -> bytes | None:
+    """`host` as a packed address when a resolver would take it for one: inet_aton's forms
+    (`127.0.0.1`, `127.1`, `2130706433`, `0x7f.1`) and IPv6 literals; None for a host name."""
+    try:
+        return socket.inet_aton(host)
+    except (OSError, ValueError):
+        pass
+    try:
+        return socket.inet_pton(socket.AF_INET6, host.strip("[]"))
+    except (OSError, ValueError):
+        return None
+
+
+class _Destinations:
+    """Where the proxy may be sent: anywhere but its own node (loopback, link-local and
+    unspecified addresses), except in the allowed ranges (`Settings.allowed_endpoint_ranges`)."""
+
+    def __init__(self, allowed: Sequence[str]) -> None:
+        self._allowed = tuple(parse_cidr(cidr) for cidr in allowed)
+
+    def refusal_of_text(self, address: str) -> str | None:
+        """Why the proxy must not be sent to `address` (an IP literal), or None. Parsed with
+        inet_pton, as Envoy parses it; this runs for every endpoint, so most addresses cost
+        one parse and a look at their first bytes."""
+        try:
+            packed = socket.inet_pton(socket.AF_INET, address)
+        except (OSError, ValueError):
+            try:
+                packed = socket.inet_pton(socket.AF_INET6, address)
+            except (OSError, ValueError):
+                return _WHY_REFUSED["invalid"]
+        return self.refusal(packed)
+
+    def refusal(self, packed: bytes) -> str | None:
+        kind = _local_kind(packed)
+        if kind is None or self.allows(packed):
+            return None
+        return _WHY_REFUSED[kind]
+
+    def allows(self, packed: bytes) -> bool:
+        if not self._allowed:
+            return False
+        addresses = [ipaddress.ip_address(packed)]
+        if len(packed) == 16 and packed[:12] == _MAPPED_PREFIX:
+            addresses.append(ipaddress.ip_address(packed[12:]))
+        return any(
+            address in network
+            for address in addresses
+            for network in self._allowed
+            if network.version == address.version
+        )
+
+
+def _address_field(group: EndpointGroup, subset: int, position: int) -> str:
+    """The field of an endpoint's address in the object its group came from (the sources keep
+    an EndpointSlice's endpoints in order, and an Endpoints subset's ready addresses first)."""
+    if group.source.startswith("Endpoints "):
+        ready = sum(1 for endpoint in group.endpoints if endpoint.ready)
+        if position < ready:
+            return f"subsets[{subset}].addresses[{position}].ip"
+        return f"subsets[{subset}].notReadyAddresses[{position - ready}].ip"
+    return f"endpoints[{position}].addresses[0]"
 
 
 def _chain(

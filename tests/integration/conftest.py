@@ -16,6 +16,10 @@ from xds.app import ControlPlane
 from xds.config import Settings
 from xds.local import Envoy, free_port
 
+# Every test backend runs on loopback, which the control plane refuses as an endpoint unless
+# allowed (from a real proxy it would reach the proxy's own node).
+LOOPBACK = ("127.0.0.0/8",)
+
 
 def service(
     name: str,
@@ -109,6 +113,7 @@ async def mesh(tmp_path: Path, service_port: int) -> AsyncIterator[Mesh]:
         listener_port_offset=listener_port - service_port,
         # Tests provoke NACKs with patches Envoy rejects, in namespace default.
         cluster_patch_namespaces=("default",),
+        allowed_endpoint_ranges=LOOPBACK,
     )
     plane = ControlPlane(settings)
     ports = await plane.start()

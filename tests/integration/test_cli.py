@@ -28,6 +28,10 @@ DEMO = ROOT / "envoy" / "demo"
 SEVERITY_WORDS = {"debug", "info", "warning", "error", "critical"}
 
 
+# The demo's backends are on loopback, refused as endpoints unless allowed.
+LOOPBACK = ("--allow-endpoints", "127.0.0.0/8")
+
+
 def xds(
     *args: str, stdin: str | None = None, env: Mapping[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -88,7 +92,7 @@ def test_bootstrap_rejects_a_bad_address():
 
 
 def test_translate_prints_every_type_for_the_demo():
-    result = xds("translate", "--manifests", str(DEMO))
+    result = xds("translate", "--manifests", str(DEMO), *LOOPBACK)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert sorted(out) == ["CDS", "EDS", "LDS", "RDS"]
@@ -102,7 +106,7 @@ def test_translate_exits_1_with_bad_objects_and_still_prints_the_good(tmp_path: 
     (tmp_path / "bad.yaml").write_text(
         "apiVersion: v1\nkind: Service\nmetadata: {name: broken}\nspec: {ports: [{port: 0}]}\n"
     )
-    result = xds("translate", "--manifests", str(tmp_path))
+    result = xds("translate", "--manifests", str(tmp_path), *LOOPBACK)
     assert result.returncode == 1
     # Printed once (as a log record, with its one severity word), not once logged and once echoed.
     [line] = [line for line in result.stderr.splitlines() if "Service default/broken" in line]
@@ -127,7 +131,7 @@ def test_serve_says_clearly_when_its_port_is_taken():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = xds("serve", "--manifests", str(DEMO), "--xds-port", str(port))
+        result = xds("serve", "--manifests", str(DEMO), "--xds-port", str(port), *LOOPBACK)
     assert result.returncode == 1
     assert f"127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
@@ -227,7 +231,7 @@ def test_version_is_the_installed_distribution_s():
     "where", ["before", "after", "split"], ids=["before-serve", "after-serve", "one-each-side"]
 )
 async def test_global_options_go_before_or_after_the_subcommand(where: str):
-    serve = ["serve", "--manifests", str(DEMO), "--xds-port", "0"]
+    serve = ["serve", "--manifests", str(DEMO), "--xds-port", "0", *LOOPBACK]
     level, log_format = ["--log-level", "debug"], ["--log-format", "json"]
     args = {
         "before": [*level, *log_format, *serve],
@@ -247,11 +251,11 @@ def test_log_level_after_the_subcommand_is_not_overwritten_by_the_default(
 ):
     (tmp_path / "services.yaml").write_text((DEMO / "services.yaml").read_text())
     (tmp_path / "stray.yaml").write_text(yaml.safe_dump(endpoint_slice("nobody", ["10.0.0.9"], 80)))
-    default = xds("translate", "--manifests", str(tmp_path))
+    default = xds("translate", "--manifests", str(tmp_path), *LOOPBACK)
     assert default.returncode == 0, default.stderr
     assert " WARNING " in default.stderr and "matches no Service" in default.stderr
     quiet = ["--log-level", "ERROR"]
-    translate = ["translate", "--manifests", str(tmp_path)]
+    translate = ["translate", "--manifests", str(tmp_path), *LOOPBACK]
     result = xds(*(quiet + translate if where == "before" else translate + quiet))
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
@@ -325,7 +329,7 @@ def test_json_logs_are_one_object_a_line(tmp_path: Path):
     (tmp_path / "bad.yaml").write_text(
         "apiVersion: v1\nkind: Service\nmetadata: {name: broken}\nspec: {ports: [{port: 0}]}\n"
     )
-    result = xds("--log-format", "json", "translate", "--manifests", str(tmp_path))
+    result = xds("--log-format", "json", "translate", "--manifests", str(tmp_path), *LOOPBACK)
     assert result.returncode == 1
     by_level = {str(r["level"]): str(r["message"]) for r in records(result.stderr)}
     assert "Service default/broken field spec.ports[0].port" in by_level["ERROR"]
@@ -395,7 +399,7 @@ def demo_manifests_text() -> str:
 
 @pytest.mark.parametrize("path", ["-", "/dev/stdin"])
 def test_translate_reads_manifests_from_a_pipe(path: str):
-    result = xds("translate", "--manifests", path, stdin=demo_manifests_text())
+    result = xds("translate", "--manifests", path, *LOOPBACK, stdin=demo_manifests_text())
     assert result.returncode == 0, result.stderr
     assert {c["name"] for c in json.loads(result.stdout)["CDS"]} == {
         "demo/web:http",

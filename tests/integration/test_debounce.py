@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from tests.integration.conftest import LOOPBACK
 from xds.app import ControlPlane
 from xds.config import Settings
 from xds.local import wait_for
@@ -12,7 +13,11 @@ from xds.local import wait_for
 
 async def started(tmp_path: Path, quiet: float, longest: float) -> ControlPlane:
     settings = Settings(
-        manifests=(tmp_path,), xds_port=0, debounce_quiet_s=quiet, debounce_max_s=longest
+        manifests=(tmp_path,),
+        xds_port=0,
+        debounce_quiet_s=quiet,
+        debounce_max_s=longest,
+        allowed_endpoint_ranges=LOOPBACK,
     )
     plane = ControlPlane(settings)
     await plane.start()

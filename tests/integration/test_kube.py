@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.integration.conftest import endpoint_slice, service
+from tests.integration.conftest import LOOPBACK, endpoint_slice, service
 from tests.kubeapi import ENDPOINTS, ENDPOINTSLICES, SERVICES, KubeAPIServer
 from xds.app import ControlPlane
 from xds.config import Settings
@@ -79,6 +79,7 @@ async def start_cluster(
             admin_port=0,
             listener_address="127.0.0.1",
             listener_port_offset=listener_port - SERVICE_PORT,
+            allowed_endpoint_ranges=LOOPBACK,
             **settings,
         )
     )
@@ -211,6 +212,7 @@ async def test_ready_only_after_the_first_full_sync(tmp_path: Path):
             admin_port=0,
             listener_address="127.0.0.1",
             listener_port_offset=listener_port - SERVICE_PORT,
+            allowed_endpoint_ranges=LOOPBACK,
         )
     )
     ports = await plane.start()

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.integration.conftest import endpoint_slice, service, write_manifests
+from tests.integration.conftest import LOOPBACK, endpoint_slice, service, write_manifests
 from xds.app import ControlPlane
 from xds.config import Settings
 from xds.local import Backend, Envoy, backends, free_port, request_backend, wait_for
@@ -100,6 +100,7 @@ async def test_updates_and_a_nack_in_every_mode(tmp_path: Path, mode: str):
         listener_address="127.0.0.1",
         listener_port_offset=offset,
         cluster_patch_namespaces=("default",),  # the NACK is provoked by a cluster patch
+        allowed_endpoint_ranges=LOOPBACK,
     )
     async with backends(["p1", "p2", "p3", "p4"]) as pods:
         write_manifests(path, *state(0, pods))

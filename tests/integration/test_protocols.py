@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 import trustme
 
-from tests.integration.conftest import endpoint_slice, service, write_manifests
+from tests.integration.conftest import LOOPBACK, endpoint_slice, service, write_manifests
 from tests.protocols import (
     GreetingBackend,
     RespBackend,
@@ -60,6 +60,7 @@ async def plane(tmp_path: Path, listener_address: str) -> AsyncIterator[Plane]:
         admin_port=0,
         listener_address=listener_address,
         protocol_detection_timeout_s=DETECTION_TIMEOUT_S,
+        allowed_endpoint_ranges=LOOPBACK,
     )
     control_plane = ControlPlane(settings)
     ports = await control_plane.start()

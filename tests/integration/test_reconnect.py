@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from google.protobuf import json_format
 
-from tests.integration.conftest import endpoint_slice, service, write_manifests
+from tests.integration.conftest import LOOPBACK, endpoint_slice, service, write_manifests
 from xds.app import ControlPlane
 from xds.config import Settings
 from xds.local import Envoy, free_port, wait_for
@@ -164,6 +164,7 @@ async def test_a_hundred_reconnects_mid_push_converge_every_time(tmp_path: Path,
         xds_port=0,
         listener_address="127.0.0.1",
         listener_port_offset=free_port() - 8080 - 1,
+        allowed_endpoint_ranges=LOOPBACK,
     )
     plane = ControlPlane(settings)
     ports = await plane.start()
@@ -225,6 +226,7 @@ async def test_an_envoy_moving_to_another_replica_receives_nothing_new(tmp_path:
         xds_port=0,
         listener_address="127.0.0.1",
         listener_port_offset=free_port() - 8080 - 1,
+        allowed_endpoint_ranges=LOOPBACK,
     )
     first, second = ControlPlane(settings), ControlPlane(settings)
     first_ports, second_ports = await first.start(), await second.start()

@@ -123,7 +123,7 @@ async def test_a_manifest_change_is_one_trace_ending_in_envoys_ack_and_requests_
             "--xds-port", str(xds_port), "--admin-port", str(admin_port),
             "--listener-address", "127.0.0.1",
             "--listener-port-offset", str(listener_port - SERVICE_PORT),
-            "--tracing-cluster", "otel_collector",
+            "--tracing-cluster", "otel_collector", "--allow-endpoints", "127.0.0.0/8",
             env={
                 **os.environ,
                 "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}",

@@ -96,7 +96,12 @@ async def test_a_cluster_patch_cannot_take_over_another_namespaces_service(
     port = free_port(LISTENERS)
     async with (
         pods("127.0.0.2", "127.0.0.3") as (victim_pod, attacker_pod),
-        stack(tmp_path, mode, cluster_patch_namespaces=("*",)) as mesh,
+        stack(
+            tmp_path,
+            mode,
+            cluster_patch_namespaces=("*",),
+            allowed_endpoint_ranges=("127.0.0.2/31",),
+        ) as mesh,
     ):
         hijack = {
             "name": "team-b/victim:http",
@@ -150,4 +155,70 @@ async def test_a_cluster_patch_cannot_take_over_another_namespaces_service(
             "team-b/victim:http": "team-b/victim:http",
             "team-a/attacker:http": "team-a/attacker:http",
             "team-a/thief:http": "team-a/thief:http",
+        }
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_envoys_admin_is_not_reachable_through_the_mesh(tmp_path: Path, mode: str):
+    """The tester's attack: an ExternalName Service (or an EndpointSlice) naming a loopback address
+    answered GET /server_info from the node's Envoy admin through the mesh, and POST
+    /quitquitquit stopped Envoy. Backends are allowed (127.0.0.2/31); Envoy's admin, on
+    127.0.0.1, is not."""
+    async with (
+        pods("127.0.0.2", "127.0.0.3") as (web_pod, other_pod),
+        stack(tmp_path, mode, allowed_endpoint_ranges=("127.0.0.2/31",)) as mesh,
+    ):
+        port = free_port(LISTENERS)
+        admin = mesh.envoy.admin_port  # Envoy's admin: 127.0.0.1:<admin>
+        mesh.apply(
+            # A Service whose slice mixes an allowed pod and Envoy's admin address.
+            service("web", port, namespace="team-a", cluster_ip="10.96.0.30"),
+            endpoint_slice("web", [web_pod.host, "127.0.0.1"], web_pod.port, namespace="team-a"),
+            # Three ways to Envoy's admin, on a port of their own, next to an ordinary Service.
+            service("other", admin, namespace="team-a", cluster_ip="10.96.0.31"),
+            endpoint_slice("other", [other_pod.host], other_pod.port, namespace="team-a"),
+            service("console", admin, namespace="team-a", cluster_ip="10.96.0.32"),
+            endpoint_slice("console", ["127.0.0.1"], admin, namespace="team-a"),
+            service(
+                "alias", admin, namespace="team-a", type="ExternalName", externalName="127.0.0.1"
+            ),
+            service(
+                "local", admin, namespace="team-a", type="ExternalName", externalName="localhost"
+            ),
+        )
+        await mesh.served_by(admin, "other.team-a", {"pod-3"})  # that listener is up
+        names = ("console", "alias", "local")
+
+        async def every_cluster_active() -> bool:
+            return {f"team-a/{n}:http" for n in names} <= set(await mesh.envoy.endpoints())
+
+        await wait_for(every_cluster_active, 15, what="the clusters to the admin address active")
+        hosts = await mesh.envoy.endpoints()
+        for name in names:
+            url = f"http://{LISTENERS}:{admin}"
+            headers = {"Host": f"{name}.team-a"}
+            async with mesh.session.get(f"{url}/server_info", headers=headers) as response:
+                body = await response.text()
+                assert response.status == 503, body
+                assert "hot_restart_version" not in body and "command_line_options" not in body
+            async with mesh.session.post(f"{url}/quitquitquit", headers=headers) as response:
+                assert response.status == 503
+            assert hosts[f"team-a/{name}:http"] == set(), name
+        await mesh.served_by(port, "web.team-a", {"pod-2"})
+        hosts = await mesh.envoy.endpoints()
+        assert hosts["team-a/web:http"] == {f"{web_pod.host}:{web_pod.port}"}
+        # Envoy is still up, and still serves.
+        assert mesh.envoy.process is not None and mesh.envoy.process.returncode is None
+        async with mesh.session.get(f"{mesh.envoy.admin}/ready") as response:
+            assert response.status == 200
+        await mesh.served_by(port, "web.team-a", {"pod-2"})
+
+        refused = {
+            (p["object"], p["field"]) for p in await mesh.problems() if p["severity"] == "error"
+        }
+        assert refused == {
+            ("EndpointSlice team-a/web-slice", "endpoints[1].addresses[0]"),
+            ("EndpointSlice team-a/console-slice", "endpoints[0].addresses[0]"),
+            ("Service team-a/alias", "spec.externalName"),
+            ("Service team-a/local", "spec.externalName"),
         }

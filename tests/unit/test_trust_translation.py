@@ -5,11 +5,16 @@ the field, and the rest of the Service and of the mesh is still served."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+from pathlib import Path
 
 import pytest
 
 from xds._pb.envoy.config.cluster.v3 import cluster_pb2
+from xds.bootstrap import bootstrap
+from xds.cache import Snapshot
+from xds.cli import main
 from xds.config import Settings
 from xds.model import (
     Endpoint,
@@ -28,6 +33,7 @@ from xds.translate import (
     MAX_CLUSTER_PATCH_CHARS,
     PATCHABLE_CLUSTER_FIELDS,
     Translation,
+    Translator,
     decode,
     translate,
 )
@@ -316,3 +322,242 @@ def test_patch_size_bound_is_checked_before_parsing():
     out = translate(mesh(attacker(padded + " ")), EVERYWHERE)
     [problem] = out.problems
     assert "characters long" in problem.message
+
+
+# --- Point 5: no route to the proxy's own node. ---
+
+LOCAL = [
+    ("127.0.0.1", "loopback"),
+    ("127.255.0.9", "loopback"),
+    ("::1", "loopback"),
+    ("::ffff:127.0.0.1", "loopback"),  # IPv4-mapped: Linux connects to 127.0.0.1
+    ("169.254.169.254", "link-local"),  # the cloud metadata service
+    ("fe80::1", "link-local"),
+    ("::ffff:169.254.169.254", "link-local"),
+    ("0.0.0.0", "unspecified"),
+    ("0.1.2.3", "unspecified"),
+    ("::", "unspecified"),
+]
+
+
+def web(*groups: EndpointGroup, namespace: str = "team-a") -> ServiceEntry:
+    return ServiceEntry(service("web", namespace), groups)
+
+
+@pytest.mark.parametrize(("address", "kind"), LOCAL)
+def test_endpoints_on_the_proxys_own_node_are_refused_and_the_rest_served(address: str, kind: str):
+    out = translate(
+        mesh(victim(), web(slice_of("team-a", "10.1.0.1", address, "10.1.0.2"))), Settings()
+    )
+    [problem] = out.problems
+    assert (problem.severity, problem.object, problem.field) == (
+        "error",
+        "EndpointSlice team-a/slice",
+        "endpoints[1].addresses[0]",
+    )
+    assert f"'{address}' is a{'n' if kind[0] == 'u' else ''} {kind} address" in problem.message
+    assert "Service team-a/web" in problem.message and "--allow-endpoints" in problem.message
+    assert endpoints(out, "team-a/web:http") == ["10.1.0.1", "10.1.0.2"]
+    assert endpoints(out, "team-b/victim:http") == ["10.2.0.1"]
+    assert "team-a/web:http" in out.resources[CLUSTER]
+
+
+def test_ordinary_addresses_are_not_refused():
+    addresses = ("10.0.0.1", "192.168.1.1", "172.16.0.1", "100.64.0.1", "fd00::1", "2001:db8::1")
+    out = translate(mesh(web(slice_of("team-a", *addresses))), Settings())
+    assert out.problems == ()
+    assert sorted(endpoints(out, "team-a/web:http")) == sorted(addresses)
+
+
+def test_an_allowance_lets_a_range_through_and_nothing_else():
+    settings = Settings(allowed_endpoint_ranges=("127.0.0.2/32", "169.254.10.0/24"))
+    group = slice_of("team-a", "127.0.0.2", "127.0.0.1", "169.254.10.7", "169.254.169.254", "::1")
+    out = translate(mesh(web(group)), settings)
+    assert endpoints(out, "team-a/web:http") == ["127.0.0.2", "169.254.10.7"]
+    assert [p.field for p in out.problems] == [
+        "endpoints[1].addresses[0]",
+        "endpoints[3].addresses[0]",
+        "endpoints[4].addresses[0]",
+    ]
+    # An IPv4 allowance covers the IPv4-mapped form too.
+    out = translate(mesh(web(slice_of("team-a", "::ffff:127.0.0.2"))), settings)
+    assert out.problems == ()
+
+
+def test_refusals_name_the_field_in_the_object_as_written(tmp_path: Path):
+    """Through the manifest source: an EndpointSlice's endpoints, and an Endpoints object's
+    subsets with ready and not-ready addresses."""
+    from xds.sources.files import ManifestSource
+
+    (tmp_path / "mesh.yaml").write_text(
+        """
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: team-a}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: team-a, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.1.0.1]}
+- {addresses: [127.0.0.1]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: old, namespace: team-a}
+spec: {ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: old, namespace: team-a}
+subsets:
+- addresses: [{ip: 10.1.0.3}]
+  ports: [{name: http, port: 8080}]
+- addresses: [{ip: 10.1.0.4}, {ip: 169.254.169.254}]
+  notReadyAddresses: [{ip: 10.1.0.5}, {ip: 127.0.0.9}]
+  ports: [{name: http, port: 8080}]
+"""
+    )
+    source = ManifestSource([tmp_path])
+    source.reload()
+    assert list(source.problems()) == []
+    out = translate(source.mesh(), Settings())
+    assert [(p.object, p.field) for p in out.problems] == [
+        ("Endpoints team-a/old", "subsets[1].addresses[1].ip"),
+        ("Endpoints team-a/old", "subsets[1].notReadyAddresses[1].ip"),
+        ("EndpointSlice team-a/web-1", "endpoints[1].addresses[0]"),
+    ]
+    assert endpoints(out, "team-a/old:http") == ["10.1.0.3", "10.1.0.4"]
+    assert endpoints(out, "team-a/web:http") == ["10.1.0.1"]
+
+
+def external(target: str, name: str = "alias") -> ServiceEntry:
+    return ServiceEntry(service(name, "team-a", type="ExternalName", external_name=target))
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "127.0.0.1",
+        "127.1",  # what inet_aton, and so many resolvers, read as 127.0.0.1
+        "2130706433",
+        "0x7f.1",
+        "0x7f000001",
+        "0",
+        "0.0.0.0",
+        "169.254.169.254",
+        "localhost",
+        "LocalHost.",
+        "localhost.localdomain",
+        "ip6-localhost",
+        "anything.localhost",
+    ],
+)
+def test_external_names_on_the_proxys_own_node_are_refused(target: str):
+    out = translate(mesh(victim(), external(target)), Settings())
+    [problem] = out.problems
+    assert (problem.severity, problem.object, problem.field) == (
+        "error",
+        "Service team-a/alias",
+        "spec.externalName",
+    )
+    assert "--allow-endpoints" in problem.message
+    # The cluster stays (routes name it) with no host to send anything to.
+    refused = cluster(out, "team-a/alias:http")
+    assert refused.type == cluster_pb2.Cluster.STATIC
+    assert len(refused.load_assignment.endpoints) == 0
+    assert "alias.team-a" in {
+        d
+        for v in decode(out.resources[ROUTE]["http:80"]).virtual_hosts
+        for d in v.domains  # type: ignore[attr-defined]
+    }
+    assert endpoints(out, "team-b/victim:http") == ["10.2.0.1"]
+    assert Snapshot.build(out.resources).inconsistencies() == []
+
+
+@pytest.mark.parametrize("target", ["example.com", "10.0.0.1", "db.example.com.", "localhost-db"])
+def test_other_external_names_are_served(target: str):
+    out = translate(mesh(external(target)), Settings())
+    assert out.problems == ()
+    served = cluster(out, "team-a/alias:http")
+    assert served.type == cluster_pb2.Cluster.STRICT_DNS
+    [locality] = served.load_assignment.endpoints
+    assert locality.lb_endpoints[0].endpoint.address.socket_address.address == target
+
+
+def test_allowed_external_names():
+    out = translate(
+        mesh(external("127.0.0.2")), Settings(allowed_endpoint_ranges=("127.0.0.2/32",))
+    )
+    assert out.problems == ()
+    # localhost may resolve to either loopback address: both must be allowed.
+    only_v4 = Settings(allowed_endpoint_ranges=("127.0.0.0/8",))
+    [problem] = translate(mesh(external("localhost")), only_v4).problems
+    assert "--allow-endpoints 127.0.0.1/32 --allow-endpoints ::1/128" in problem.message
+    both = Settings(allowed_endpoint_ranges=("127.0.0.0/8", "::1/128"))
+    assert translate(mesh(external("localhost")), both).problems == ()
+
+
+def test_incremental_translation_refuses_like_a_whole_one():
+    translator = Translator(Settings(allowed_endpoint_ranges=("127.0.0.2/32",)))
+    steps = [
+        mesh(victim(), web(slice_of("team-a", "127.0.0.2"))),
+        mesh(victim(), web(slice_of("team-a", "127.0.0.2", "127.0.0.1"))),
+        mesh(victim(), web(slice_of("team-a", "127.0.0.1")), external("localhost")),
+        mesh(victim(), web(slice_of("team-a", "127.0.0.2")), external("127.0.0.2")),
+    ]
+    previous = steps[0]
+    translator.translate(previous)
+    for step in steps[1:]:
+        derived = previous.derive(dict(step.entries))
+        for key in previous.keys:
+            if key not in step:
+                derived = derived.derive({key: None})
+        incremental = translator.translate(derived)
+        whole = Translator(translator.settings).translate(step)
+        assert incremental.problems == whole.problems
+        assert {u: dict(r) for u, r in incremental.resources.items()} == {
+            u: dict(r) for u, r in whole.resources.items()
+        }
+        previous = step
+
+
+@pytest.mark.parametrize("cidr", ["127.0.0.1/8", "not-a-range", "127.0.0.0/33", ""])
+def test_a_bad_allowance_is_a_usage_error(cidr: str, capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(ValueError, match="CIDR"):
+        Settings(allowed_endpoint_ranges=(cidr,))
+    assert main(["translate", "--manifests", "-", "--allow-endpoints", cidr]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("xds translate: error: argument --allow-endpoints:") and err.count("\n") == 1
+    )
+
+
+def test_the_cli_passes_both_allowances():
+    from xds.cli import _settings, build_parser
+
+    args = build_parser().parse_args(
+        [
+            "serve", "--manifests", ".",
+            "--allow-endpoints", "127.0.0.2/32", "--allow-endpoints", "::1",
+            "--allow-cluster-patch", "team-a", "--allow-cluster-patch", "team-b",
+        ]
+    )  # fmt: skip
+    settings = _settings(args)
+    assert settings.allowed_endpoint_ranges == ("127.0.0.2/32", "::1/128")
+    assert settings.cluster_patch_namespaces == ("team-a", "team-b")
+    defaults = _settings(build_parser().parse_args(["translate", "--manifests", "."]))
+    assert defaults.allowed_endpoint_ranges == () and defaults.cluster_patch_namespaces == ()
+
+
+def test_generated_bootstraps_keep_envoys_admin_on_loopback():
+    config = bootstrap(node_id="n", xds_address="10.0.0.1:18000")
+    address = config["admin"]["address"]["socket_address"]["address"]
+    assert ipaddress.ip_address(address).is_loopback
+    assert bootstrap(node_id="n", xds_address="x:1", admin_address="::1")["admin"]
+    for exposed in ("0.0.0.0", "10.0.0.1", "::", "envoy.local"):
+        with pytest.raises(ValueError, match="loopback"):
+            bootstrap(node_id="n", xds_address="10.0.0.1:18000", admin_address=exposed)
