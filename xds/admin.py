@@ -1,11 +1,19 @@
-"""The admin HTTP server: health, readiness and the debug views of what is being served."""
+"""The admin HTTP server: health, readiness and the debug views of what is being served.
+
+Two applications: the admin one (`make_app`: health, readiness, metrics and `/debug/*`), bound to
+loopback unless configured otherwise because `/debug/*` shows every resource and every client,
+and the health one (`make_health_app`: health, readiness and metrics only), which a deployment
+exposes on the pod's address for probes and scraping. `/debug/*` can require a bearer token.
+"""
 
 from __future__ import annotations
 
+import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from google.protobuf import json_format
 
 from xds.cache import Cache
@@ -18,28 +26,22 @@ from xds.translate import decode
 log = logging.getLogger(__name__)
 
 
+Readiness = Callable[[], tuple[bool, list[str]]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 def make_app(
     cache: Cache,
     server: DiscoveryServer,
     is_ready: Callable[[], bool],
     problems: Callable[[], list[Problem]],
     metrics: Metrics | None = None,
-    readiness: Callable[[], tuple[bool, list[str]]] | None = None,
+    readiness: Readiness | None = None,
+    debug_token: str | None = None,
 ) -> web.Application:
     """`readiness`, when given, says whether the control plane is ready and why (or what it
-    serves degraded: still ready, with one line each); otherwise `is_ready` decides alone."""
-
-    async def healthz(_: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
-
-    async def readyz(_: web.Request) -> web.Response:
-        if readiness is None:
-            ready, details = is_ready(), ["no snapshot published yet"]
-        else:
-            ready, details = readiness()
-        if ready:
-            return web.Response(text="".join(["ready\n", *(f"degraded: {d}\n" for d in details)]))
-        return web.Response(status=503, text="".join(f"not ready: {d}\n" for d in details))
+    serves degraded: still ready, with one line each); otherwise `is_ready` decides alone.
+    With `debug_token`, `/debug/*` answers only requests bearing it (401 otherwise)."""
 
     async def syncz(_: web.Request) -> web.Response:
         return web.json_response(server.syncz())
@@ -74,19 +76,71 @@ def make_app(
     async def problem_list(_: web.Request) -> web.Response:
         return web.json_response([_problem(p) for p in problems()])
 
+    middlewares: list[Middleware] = [] if debug_token is None else [_bearer_for_debug(debug_token)]
+    app = web.Application(middlewares=middlewares)
+    _add_health_routes(app, is_ready, metrics, readiness)
+    app.router.add_get("/debug/syncz", syncz)
+    app.router.add_get("/debug/config_dump", config_dump)
+    app.router.add_get("/debug/problems", problem_list)
+    return app
+
+
+def make_health_app(
+    is_ready: Callable[[], bool],
+    metrics: Metrics | None = None,
+    readiness: Readiness | None = None,
+) -> web.Application:
+    """Health, readiness and metrics, and nothing of what is served or who is connected."""
+    app = web.Application()
+    _add_health_routes(app, is_ready, metrics, readiness)
+    return app
+
+
+def _add_health_routes(
+    app: web.Application,
+    is_ready: Callable[[], bool],
+    metrics: Metrics | None,
+    readiness: Readiness | None,
+) -> None:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        if readiness is None:
+            ready, details = is_ready(), ["no snapshot published yet"]
+        else:
+            ready, details = readiness()
+        if ready:
+            return web.Response(text="".join(["ready\n", *(f"degraded: {d}\n" for d in details)]))
+        return web.Response(status=503, text="".join(f"not ready: {d}\n" for d in details))
+
     async def metrics_text(_: web.Request) -> web.Response:
         if metrics is None:
             return web.Response(status=404, text="metrics are off\n")
         return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
-    app = web.Application()
     app.router.add_get("/metrics", metrics_text)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/debug/syncz", syncz)
-    app.router.add_get("/debug/config_dump", config_dump)
-    app.router.add_get("/debug/problems", problem_list)
-    return app
+
+
+def _bearer_for_debug(token: str) -> Middleware:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/debug/"):
+            given = request.headers.get("Authorization", "").encode()
+            # Constant time: the comparison must not tell how much of a guess was right.
+            if not hmac.compare_digest(given, expected):
+                return web.Response(
+                    status=401,
+                    text="a bearer token is required for /debug/*\n",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await handler(request)
+
+    return check
 
 
 def _problem(problem: Problem) -> dict[str, str]:
@@ -99,14 +153,16 @@ def _problem(problem: Problem) -> dict[str, str]:
     }
 
 
-async def start_admin(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def start_admin(
+    app: web.Application, host: str, port: int, what: str = "admin"
+) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
     except OSError as exc:
         await runner.cleanup()
-        raise OSError(exc.errno, f"admin server: {exc.strerror or exc}") from exc
+        raise OSError(exc.errno, f"{what} server: {exc.strerror or exc}") from exc
     bound = runner.addresses[0][1]
-    log.info("admin listening on http://%s:%d", host, bound)
+    log.info("%s listening on http://%s:%d", what, host, bound)
     return runner, bound

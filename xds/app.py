@@ -20,7 +20,7 @@ from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
-from xds.admin import make_app, start_admin
+from xds.admin import make_app, make_health_app, start_admin
 from xds.cache import Cache
 from xds.config import Settings
 from xds.metrics import Metrics
@@ -44,6 +44,7 @@ tracer = trace.get_tracer("xds")
 class Ports:
     xds: int
     admin: int | None
+    health: int | None = None
 
 
 class ControlPlane:
@@ -94,6 +95,7 @@ class ControlPlane:
         self._logged_problems: set[Problem] = set()
         self._grpc: grpc.aio.Server | None = None
         self._admin: web.AppRunner | None = None
+        self._health: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def source_changed(self) -> None:
@@ -146,9 +148,16 @@ class ControlPlane:
                     self.problems,
                     self.metrics,
                     readiness=self.readiness,
+                    debug_token=self.settings.admin_token,
                 )
                 self._admin, admin_port = await start_admin(
                     app, self.settings.admin_host, self.settings.admin_port
+                )
+            health_port = None
+            if self.settings.health_port is not None:
+                health = make_health_app(lambda: self.ready, self.metrics, self.readiness)
+                self._health, health_port = await start_admin(
+                    health, self.settings.health_host, self.settings.health_port, what="health"
                 )
         except OSError:
             await self.stop(grace_s=0)
@@ -157,7 +166,7 @@ class ControlPlane:
             asyncio.create_task(self.source.watch(self.source_changed), name="source-watch"),
             asyncio.create_task(self._rebuild_loop(), name="rebuild"),
         ]
-        return Ports(xds_port, admin_port)
+        return Ports(xds_port, admin_port, health_port)
 
     async def stop(self, grace_s: float = 1.0) -> None:
         """Stops intake first, then the servers, so no stream sees a half-stopped pipeline."""
@@ -170,6 +179,8 @@ class ControlPlane:
             await self._grpc.stop(grace_s)
         if self._admin is not None:
             await self._admin.cleanup()
+        if self._health is not None:
+            await self._health.cleanup()
 
     async def rebuild(self) -> None:
         # The trace of this change: its source span, or a root of its own for the first load.

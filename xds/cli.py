@@ -154,6 +154,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         xds_port=getattr(args, "xds_port", 18000),
         admin_host=getattr(args, "admin_host", "127.0.0.1"),
         admin_port=getattr(args, "admin_port", None),
+        admin_token=_read_token(getattr(args, "admin_token_file", None)),
+        health_host=getattr(args, "health_host", "127.0.0.1"),
+        health_port=getattr(args, "health_port", None),
         listener_port_offset=args.listener_port_offset,
         listener_address=args.listener_address,
         lb_policy=args.lb_policy,
@@ -282,7 +285,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="admin HTTP port for /healthz, /readyz, /debug/* (off by default)",
     )
     serve.add_argument(
-        "--admin-host", default="127.0.0.1", help="admin listen address (default 127.0.0.1)"
+        "--admin-host",
+        default="127.0.0.1",
+        help="admin listen address (default 127.0.0.1: /debug/* shows every resource and client)",
+    )
+    serve.add_argument(
+        "--admin-token-file",
+        metavar="PATH",
+        help="a file holding a token that /debug/* then requires as 'Authorization: Bearer TOKEN'",
+    )
+    serve.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        help="HTTP port for /healthz, /readyz and /metrics only, for probes and scraping (off by "
+        "default)",
+    )
+    serve.add_argument(
+        "--health-host", default="127.0.0.1", help="health listen address (default 127.0.0.1)"
     )
 
     boot = commands.add_parser("bootstrap", help="print an Envoy bootstrap for this control plane")
@@ -317,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="the control plane's admin address (xds serve --admin-port; default 127.0.0.1:9902)",
     )
+    status.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="the token of xds serve --admin-token-file, when the admin server requires one",
+    )
 
     demo = commands.add_parser(
         "demo", help="run the control plane, Envoy and three backends, and show the traffic"
@@ -348,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "translate":
             return _translate(_settings(args))
         if args.command == "status":
-            return _status(args.admin)
+            return _status(args.admin, _read_token(args.token_file))
         if args.command == "demo":
             from xds.demo import run_demo
 
@@ -398,14 +423,30 @@ def _bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
-def _status(admin: str) -> int:
+def _read_token(path: str | None) -> str | None:
+    """The token in a file (surrounding whitespace dropped): a file, so it stays out of `ps`."""
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise SystemExit(f"xds: cannot read the token file {path}: {exc.strerror or exc}") from exc
+    if not token:
+        raise SystemExit(f"xds: the token file {path} is empty")
+    return token
+
+
+def _status(admin: str, token: str | None = None) -> int:
     import urllib.request
 
     from xds.status import render_syncz
 
     url = f"http://{admin}/debug/syncz"
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=5
+        ) as response:
             clients = json.load(response)
     except OSError as exc:
         print(f"xds: cannot read {url}: {exc}", file=sys.stderr)

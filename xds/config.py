@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 LB_POLICIES = ("RANDOM", "ROUND_ROBIN", "LEAST_REQUEST")
@@ -30,8 +30,14 @@ class Settings:
     # Serving.
     xds_host: str = "127.0.0.1"
     xds_port: int = 18000
+    # The admin server (health, metrics and /debug/*: every resource and every client) binds
+    # loopback unless told otherwise; `admin_token`, when set, is required for /debug/*.
     admin_host: str = "127.0.0.1"
     admin_port: int | None = None
+    admin_token: str | None = field(default=None, repr=False)
+    # Health, readiness and metrics alone, for probes and scraping on the pod's own address.
+    health_host: str = "127.0.0.1"
+    health_port: int | None = None
 
     # Translation defaults.
     lb_policy: str = "RANDOM"
@@ -67,6 +73,8 @@ class Settings:
     debounce_max_s: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.admin_token is not None and not self.admin_token.strip():
+            raise ValueError("admin_token must not be empty")
         if self.lb_policy not in LB_POLICIES:
             raise ValueError(f"lb_policy {self.lb_policy!r} is not one of {', '.join(LB_POLICIES)}")
         if self.connect_timeout_s <= 0:

@@ -85,9 +85,14 @@ def test_the_control_plane_deployment_runs_two_replicas_with_arguments_the_cli_a
     [container] = pod["containers"]
     args = build_parser().parse_args(container["args"])
     assert args.command == "serve" and args.kubernetes
-    assert args.admin_host == "0.0.0.0" and args.xds_host == "0.0.0.0"
-    probes = {container["readinessProbe"]["httpGet"]["path"]}
-    probes.add(container["livenessProbe"]["httpGet"]["path"])
+    assert args.xds_host == "0.0.0.0"
+    # /debug/* stays on loopback; probes reach the health port on the pod's address.
+    assert args.admin_host == "127.0.0.1" and args.health_host == "0.0.0.0"
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    probes = set()
+    for probe in (container["readinessProbe"], container["livenessProbe"]):
+        assert ports[probe["httpGet"]["port"]] == args.health_port != args.admin_port
+        probes.add(probe["httpGet"]["path"])
     assert probes == {"/readyz", "/healthz"}
     assert args.tracing_cluster == "otel_collector"
 
