@@ -10,6 +10,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import resource
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any, cast
 
 import grpc
@@ -76,6 +79,15 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
+def peer_host(peer: str) -> str:
+    """A gRPC peer's address without its port: "ipv4:10.0.0.1:5000" -> "10.0.0.1",
+    "ipv6:[::1]:5000" -> "[::1]"; other kinds (unix sockets) as they are."""
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return address.rpartition(":")[0]
+    return peer
+
+
 class DiscoveryServer:
     """Serves the cache's snapshots to every stream; knows its streams for /debug/syncz."""
 
@@ -86,10 +98,16 @@ class DiscoveryServer:
         callbacks: Callbacks | None = None,
         *,
         max_node_field: int = MAX_NODE_FIELD,
+        max_streams_per_peer: int | None = None,
     ) -> None:
         self.cache = cache
         # The longest node id and cluster a stream accepts (see `stream.MAX_NODE_FIELD`).
         self.max_node_field = max_node_field
+        # Streams open at once from one client address (None: no limit). gRPC core limits
+        # connections in all and streams per connection, not per client; proxies behind one
+        # address (a NAT, a node's pods without their own IPs) share this.
+        self.max_streams_per_peer = max_streams_per_peer
+        self._per_peer: Counter[str] = Counter()
         # Told of every stream, push and reply: metrics and tracing (tracing alone by default).
         self.callbacks = callbacks if callbacks is not None else TracingCallbacks()
         # Clients on per-type streams need clusters and listeners rewritten (see `views`).
@@ -147,24 +165,48 @@ class DiscoveryServer:
         async def handle(
             _requests: object, context: grpc.aio.ServicerContext[bytes, bytes]
         ) -> None:
-            stream_id = next(self._ids)
-
-            def on_reply(type_url: str, error_message: str | None, seconds: float) -> None:
-                self.callbacks.replied(stream_id, type_url, error_message, seconds)
-
-            stream = stream_type(
-                peer=context.peer(),
-                types=types,
-                on_reply=on_reply,
-                max_node_field=self.max_node_field,
-            )
-            await self.serve(context, stream, api_type, stream_id)
+            peer = context.peer()
+            host = peer_host(peer)
+            limit = self.max_streams_per_peer
+            if limit is not None and self._per_peer[host] >= limit:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{limit} streams are open from {host}: no more are accepted",
+                )
+            self._per_peer[host] += 1
+            try:
+                await self._open(context, stream_type, types, api_type, peer)
+            finally:
+                self._per_peer[host] -= 1
+                if not self._per_peer[host]:
+                    del self._per_peer[host]
 
         # Requests arrive as bytes: the stream parses them, and a SotW ACK that repeats its
         # names is recognised without parsing them (`SotwStream.on_message`).
         return grpc.stream_stream_rpc_method_handler(
             handle, request_deserializer=_identity, response_serializer=_identity
         )
+
+    async def _open(
+        self,
+        context: grpc.aio.ServicerContext[bytes, bytes],
+        stream_type: type[SotwStream | DeltaStream],
+        types: tuple[str, ...],
+        api_type: str | None,
+        peer: str,
+    ) -> None:
+        stream_id = next(self._ids)
+
+        def on_reply(type_url: str, error_message: str | None, seconds: float) -> None:
+            self.callbacks.replied(stream_id, type_url, error_message, seconds)
+
+        stream = stream_type(
+            peer=peer,
+            types=types,
+            on_reply=on_reply,
+            max_node_field=self.max_node_field,
+        )
+        await self.serve(context, stream, api_type, stream_id)
 
     async def serve(
         self,
@@ -288,52 +330,125 @@ class DiscoveryServer:
         return [self.streams[i].describe() for i in sorted(self.streams)]
 
 
+# The largest request accepted (bytes). Envoy's first request of a stream carries its node, about
+# 61 KB with its extension list; a SotW request repeats every name it subscribes to, so with 10,000
+# clusters an EDS ACK is 300 to 400 KB. 4 MiB is ten times that (about 100,000 names of 40
+# characters) and bounds what one request makes the server parse and hold: with gRPC's former
+# 64 MB, a single request could hold a 60 MB node cluster. A bigger one ends the stream with
+# RESOURCE_EXHAUSTED.
+MAX_RECEIVE_MESSAGE_BYTES = 4 * 1024 * 1024
+# One connection is one Envoy, holding one ADS stream or, without ADS, a few per type: a cap per
+# connection bounds what a runaway client can make the server hold (core sets none), and Envoy's
+# HTTP/2 pool opens another connection when a server's cap is reached.
+MAX_STREAMS_PER_CONNECTION = 1_000
+# A client has this long from its TCP connection to its HTTP/2 preface and SETTINGS (gRPC core's
+# default is 120 s): with file descriptors at 1,024, 1,100 sockets that never spoke kept new
+# clients and the admin server's /healthz out for two minutes. Real clients take milliseconds.
+HANDSHAKE_TIMEOUT_S = 10.0
+# A connection without a stream for this long is closed (GOAWAY; core's default: never). Envoy
+# keeps its xDS stream open for its whole life, so only connections that carry nothing are closed.
+MAX_CONNECTION_IDLE_S = 60.0
+# Connections are closed (GOAWAY) after this long, so that proxies spread over the replicas
+# again after a rollout or a scale-up: a replica started first would keep every proxy otherwise.
+# gRPC core adds a jitter of +-10% per connection (measured: 10 connections of a 2 s age closed
+# over 220 ms), so a fleet that connected at once does not reconnect at once. Then the streams
+# have the grace to end before they are cancelled; Envoy reconnects at once, keeping its
+# configuration meanwhile (and delta clients are sent only what differs).
+MAX_CONNECTION_AGE_S = 30 * 60.0
+MAX_CONNECTION_AGE_GRACE_S = 60.0
+# File descriptors left to the rest of the process (the admin server, file watches, the
+# Kubernetes client) when the number of connections is derived from the process's limit.
+RESERVED_DESCRIPTORS = 128
+
+
+def default_max_connections() -> int:
+    """The number of client connections accepted at once when none is given: what the process's
+    file descriptor limit leaves after the others it needs, so that a flood of connections
+    cannot take the descriptors the admin server and the sources need."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1_000_000
+    return max(soft - RESERVED_DESCRIPTORS, 16)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """What the gRPC server accepts from its clients (the defaults above explain each)."""
+
+    max_receive_message_bytes: int = MAX_RECEIVE_MESSAGE_BYTES
+    max_streams_per_connection: int = MAX_STREAMS_PER_CONNECTION
+    # None: derived from the file descriptor limit when the server starts.
+    max_connections: int | None = None
+    handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
+    max_connection_idle_s: float = MAX_CONNECTION_IDLE_S
+    max_connection_age_s: float = MAX_CONNECTION_AGE_S
+    max_connection_age_grace_s: float = MAX_CONNECTION_AGE_GRACE_S
+
+
+def server_options(limits: ServerLimits = ServerLimits()) -> list[tuple[str, int]]:
+    """The gRPC core options of the xDS server."""
+    max_connections = limits.max_connections
+    if max_connections is None:
+        max_connections = default_max_connections()
+    return [
+        ("grpc.max_receive_message_length", limits.max_receive_message_bytes),
+        ("grpc.max_send_message_length", 256 * 1024 * 1024),
+        # Without this, a second control plane on the same port would silently share it.
+        ("grpc.so_reuseport", 0),
+        # Connection storms (a fleet restarting, a replica taking over another's proxies):
+        # grpc.aio takes new calls from gRPC's core one per event-loop turn, so while the
+        # loop answers the first streams, the later ones wait in core's queue of calls not
+        # yet requested. Past 1,000 waiting, core refuses them at random, all past 3,000
+        # (its defaults), and the proxy sees CANCELLED and retries after a backoff: 346 /
+        # 13,569 refused attempts with 2,000 / 5,000 simulated proxies at once. No random
+        # early refusal (soft limit = hard limit) and room for twice the 5,000 proxies we
+        # plan for; the limit still bounds what waiting calls hold (each its first request,
+        # with Envoy's node, buffered: tens of KB).
+        ("grpc.server.max_pending_requests", 10_000),
+        ("grpc.server.max_pending_requests_hard_limit", 10_000),
+        # A waiting call is also cancelled after 30 s by default, and a storm's last calls
+        # wait the longer the more proxies come at once: the last of 5,000 streams, each
+        # answered 1 MB by a bare grpc.aio server on 2 cores, waited 11 s, and the 5,000 of
+        # bench/fleet.py were all configured in 32 s, near that limit. A cancelled proxy
+        # retries after a backoff, at the back of the queue: waiting longer serves it better.
+        ("grpc.server_max_unrequested_time_in_server", 120),
+        ("grpc.max_concurrent_streams", limits.max_streams_per_connection),
+        # Connections past this many are closed as soon as they are accepted. gRPC core counts
+        # connections, not peers: it has no limit per client address (see `max_streams_per_peer`
+        # of DiscoveryServer for one on streams).
+        ("grpc.max_allowed_incoming_connections", max_connections),
+        ("grpc.server_handshake_timeout_ms", _ms(limits.handshake_timeout_s)),
+        ("grpc.max_connection_idle_ms", _ms(limits.max_connection_idle_s)),
+        ("grpc.max_connection_age_ms", _ms(limits.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", _ms(limits.max_connection_age_grace_s)),
+        # Keepalive. Envoy holds its xDS stream for the life of the process and sends HTTP/2
+        # PINGs only if its xDS cluster sets connection_keepalive, every interval plus a
+        # jitter (added): accept one every 10 s even with no data, so an interval of 10 s
+        # and up never earns a strike (core's default allows one per 5 minutes, and the
+        # third strike closes the connection with GOAWAY too_many_pings). gRPC clients
+        # (grpc-go, grpc-java) refuse keepalive intervals under 10 s themselves.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # Our own PING after a minute of silence, answered within 20 s or the connection is
+        # closed: a proxy whose node vanished without closing its socket frees its stream
+        # in under 1.5 minutes instead of core's default of 2 hours.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        # How many PINGs we send without data in between (core's default: 2): an xDS stream is
+        # quiet for as long as nothing changes, and our keepalive must go on regardless.
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
 async def start_server(
-    server: DiscoveryServer, host: str, port: int
+    server: DiscoveryServer, host: str, port: int, limits: ServerLimits = ServerLimits()
 ) -> tuple[grpc.aio.Server, int]:
     """A started grpc.aio server on host:port (0 picks a free port); returns it and its port."""
-    grpc_server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 256 * 1024 * 1024),
-            # Without this, a second control plane on the same port would silently share it.
-            ("grpc.so_reuseport", 0),
-            # Connection storms (a fleet restarting, a replica taking over another's proxies):
-            # grpc.aio takes new calls from gRPC's core one per event-loop turn, so while the
-            # loop answers the first streams, the later ones wait in core's queue of calls not
-            # yet requested. Past 1,000 waiting, core refuses them at random, all past 3,000
-            # (its defaults), and the proxy sees CANCELLED and retries after a backoff: 346 /
-            # 13,569 refused attempts with 2,000 / 5,000 simulated proxies at once. No random
-            # early refusal (soft limit = hard limit) and room for twice the 5,000 proxies we
-            # plan for; the limit still bounds what waiting calls hold (each its first request,
-            # with Envoy's node, buffered: tens of KB).
-            ("grpc.server.max_pending_requests", 10_000),
-            ("grpc.server.max_pending_requests_hard_limit", 10_000),
-            # A waiting call is also cancelled after 30 s by default, and a storm's last calls
-            # wait the longer the more proxies come at once: the last of 5,000 streams, each
-            # answered 1 MB by a bare grpc.aio server on 2 cores, waited 11 s, and the 5,000 of
-            # bench/fleet.py were all configured in 32 s, near that limit. A cancelled proxy
-            # retries after a backoff, at the back of the queue: waiting longer serves it better.
-            ("grpc.server_max_unrequested_time_in_server", 120),
-            # One connection is one Envoy, holding one ADS stream or, without ADS, a few per
-            # type: a cap per connection bounds what a runaway client can make the server hold
-            # (core sets none), and Envoy's HTTP/2 pool opens another connection when a
-            # server's cap is reached.
-            ("grpc.max_concurrent_streams", 1_000),
-            # Keepalive. Envoy holds its xDS stream for the life of the process and sends HTTP/2
-            # PINGs only if its xDS cluster sets connection_keepalive, every interval plus a
-            # jitter (added): accept one every 10 s even with no data, so an interval of 10 s
-            # and up never earns a strike (core's default allows one per 5 minutes, and the
-            # third strike closes the connection with GOAWAY too_many_pings).
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            # Our own PING after a minute of silence, answered within 20 s or the connection is
-            # closed: a proxy whose node vanished without closing its socket frees its stream
-            # in under 1.5 minutes instead of core's default of 2 hours.
-            ("grpc.keepalive_time_ms", 60_000),
-            ("grpc.keepalive_timeout_ms", 20_000),
-        ]
-    )
+    grpc_server = grpc.aio.server(options=server_options(limits))
     grpc_server.add_generic_rpc_handlers(server.handlers())
     try:
         bound = grpc_server.add_insecure_port(f"{host}:{port}")
