@@ -27,6 +27,7 @@ from xds.server.sotw import Response, SotwStream
 from xds.server.stream import MAX_NODE_FIELD, InvalidRequest, StreamBase, StreamStatus
 from xds.server.tracing import TracingCallbacks
 from xds.server.views import PerTypeViews, Rewrite, SnapshotView
+from xds.tls import IdentityGate
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,11 @@ class DiscoveryServer:
         *,
         max_node_field: int = MAX_NODE_FIELD,
         max_streams_per_peer: int | None = None,
+        identity: IdentityGate | None = None,
     ) -> None:
         self.cache = cache
+        # With mTLS: a stream whose node is not its client certificate's is refused.
+        self.identity = identity
         # The longest node id and cluster a stream accepts (see `stream.MAX_NODE_FIELD`).
         self.max_node_field = max_node_field
         # Streams open at once from one client address (None: no limit). gRPC core limits
@@ -265,12 +269,25 @@ class DiscoveryServer:
                     await context.write(data)
 
         async def read() -> None:
+            first = True
             while True:
                 # Typed as the request, but the end of the client's half comes as EOF.
                 request: object = await context.read()
                 if request is grpc.aio.EOF:
                     return
                 try:
+                    if first and self.identity is not None:
+                        # The first request carries the node (Envoy sends it only then): nothing
+                        # is answered before the node is known to be the certificate's.
+                        refusal = self.identity.check(
+                            context.auth_context(),
+                            cast(bytes, request),
+                            isinstance(stream, DeltaStream),
+                            stream.peer,
+                        )
+                        if refusal is not None:
+                            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+                    first = False
                     if _settled(stream):
                         await look(cast(bytes, request))
                     else:
@@ -445,13 +462,22 @@ def _ms(seconds: float) -> int:
 
 
 async def start_server(
-    server: DiscoveryServer, host: str, port: int, limits: ServerLimits = ServerLimits()
+    server: DiscoveryServer,
+    host: str,
+    port: int,
+    limits: ServerLimits = ServerLimits(),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """A started grpc.aio server on host:port (0 picks a free port); returns it and its port."""
+    """A started grpc.aio server on host:port (0 picks a free port); returns it and its port.
+    Plaintext without `credentials` (see `xds.tls` for TLS)."""
     grpc_server = grpc.aio.server(options=server_options(limits))
     grpc_server.add_generic_rpc_handlers(server.handlers())
+    address = f"{host}:{port}"
     try:
-        bound = grpc_server.add_insecure_port(f"{host}:{port}")
+        if credentials is None:
+            bound = grpc_server.add_insecure_port(address)
+        else:
+            bound = grpc_server.add_secure_port(address, credentials)
     except RuntimeError as exc:  # grpc's word for a port in use or an address not ours
         raise OSError(f"xDS server: cannot listen on {host}:{port} (in use?)") from exc
     await grpc_server.start()
