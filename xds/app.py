@@ -31,6 +31,7 @@ from xds.server.service import DiscoveryServer, start_server
 from xds.server.tracing import TracingCallbacks
 from xds.sources.files import ManifestSource
 from xds.sources.health import SourceHealth
+from xds.tls import CertificateReloader, IdentityGate, ServerTLS, log_transport
 from xds.translate import Translation, Translator, for_api_type
 
 if TYPE_CHECKING:
@@ -80,10 +81,18 @@ class ControlPlane:
         )
         self.translator = Translator(settings)
         self.cache = Cache()
+        self.tls: ServerTLS | None = None
+        self.certificates: CertificateReloader | None = None
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            self.tls = ServerTLS(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+            # Read and checked now: a missing file or a key that is not the certificate's stops
+            # the start with its name, rather than failing every handshake.
+            self.certificates = CertificateReloader(self.tls)
         self.server = DiscoveryServer(
             self.cache,
             per_type_rewrite=functools.partial(for_api_type, xds_cluster=settings.xds_cluster_name),
             callbacks=CallbackList(TracingCallbacks(), self.metrics),
+            identity=IdentityGate() if settings.tls_client_ca is not None else None,
         )
         self.metrics.watch_state(self.server.subscriptions, self._snapshot_size)
         self.ready = False
@@ -137,8 +146,12 @@ class ControlPlane:
             self.source.connect()  # a missing kubeconfig is a clear error now, not a dead task
         try:
             self._grpc, xds_port = await start_server(
-                self.server, self.settings.xds_host, self.settings.xds_port
+                self.server,
+                self.settings.xds_host,
+                self.settings.xds_port,
+                credentials=self.certificates.credentials() if self.certificates else None,
             )
+            log_transport(self.settings.xds_host, xds_port, self.tls)
             admin_port = None
             if self.settings.admin_port is not None:
                 app = make_app(

@@ -157,6 +157,9 @@ def _settings(args: argparse.Namespace) -> Settings:
         admin_token=_read_token(getattr(args, "admin_token_file", None)),
         health_host=getattr(args, "health_host", "127.0.0.1"),
         health_port=getattr(args, "health_port", None),
+        tls_cert=_optional_path(getattr(args, "tls_cert", None)),
+        tls_key=_optional_path(getattr(args, "tls_key", None)),
+        tls_client_ca=_optional_path(getattr(args, "tls_client_ca", None)),
         listener_port_offset=args.listener_port_offset,
         listener_address=args.listener_address,
         lb_policy=args.lb_policy,
@@ -166,6 +169,10 @@ def _settings(args: argparse.Namespace) -> Settings:
         cluster_patch_namespaces=tuple(args.allow_cluster_patch or ()),
         allowed_endpoint_ranges=tuple(args.allow_endpoints or ()),
     )
+
+
+def _optional_path(text: str | None) -> Path | None:
+    return None if text is None else Path(text)
 
 
 def _add_translation_options(parser: argparse.ArgumentParser, kubernetes: bool = False) -> None:
@@ -303,6 +310,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--health-host", default="127.0.0.1", help="health listen address (default 127.0.0.1)"
+    )
+    serve.add_argument(
+        "--tls-cert",
+        metavar="PATH",
+        help="serve xDS over TLS with this PEM certificate chain (re-read when it changes; "
+        "default: plaintext)",
+    )
+    serve.add_argument("--tls-key", metavar="PATH", help="the PEM private key of --tls-cert")
+    serve.add_argument(
+        "--tls-client-ca",
+        metavar="PATH",
+        help="require client certificates from this PEM CA (mTLS) whose identity matches the "
+        "client's node id",
     )
 
     boot = commands.add_parser("bootstrap", help="print an Envoy bootstrap for this control plane")

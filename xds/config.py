@@ -38,6 +38,12 @@ class Settings:
     # Health, readiness and metrics alone, for probes and scraping on the pod's own address.
     health_host: str = "127.0.0.1"
     health_port: int | None = None
+    # TLS on the xDS port (see xds.tls): certificate chain and key (PEM), both or neither; with
+    # a client CA, clients need a certificate from it whose identity matches their node (mTLS).
+    # None: plaintext, said at start (a warning off loopback).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
     # Translation defaults.
     lb_policy: str = "RANDOM"
@@ -75,6 +81,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.admin_token is not None and not self.admin_token.strip():
             raise ValueError("admin_token must not be empty")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("a client CA (--tls-client-ca) needs --tls-cert and --tls-key")
         if self.lb_policy not in LB_POLICIES:
             raise ValueError(f"lb_policy {self.lb_policy!r} is not one of {', '.join(LB_POLICIES)}")
         if self.connect_timeout_s <= 0:
