@@ -237,3 +237,22 @@ def test_a_node_longer_than_the_limit_is_refused():
     stream = DeltaStream()
     assert len(stream.on_request(req, snap)) == 1
     assert stream.node_cluster == req.node.cluster
+
+
+def test_names_left_when_the_wildcard_ends_are_sent_again_by_a_later_wildcard():
+    # Found by tests/unit/test_fuzz_streams.py: the listeners held from the legacy wildcard
+    # stayed counted as held after it ended, went stale unseen, and the stream took itself for
+    # in step with the snapshot; back on wildcard, the client was never sent them.
+    first = snapshot(cds={"a": b"1", "b": b"1", "c": b"1"})
+    stream = DeltaStream()
+    [everything] = stream.on_request(request(CLUSTER), first)
+    assert stream.on_request(request(CLUSTER, ("a",)), first) == []  # the legacy wildcard ends
+    changed = snapshot(cds={"a": b"2", "b": b"2", "c": b"2"})
+    [only_a] = stream.on_request(request(CLUSTER, nonce=everything.nonce), changed)
+    assert names(only_a) == ["a"]
+    ack(stream, only_a, changed)
+    [rest] = stream.on_request(request(CLUSTER, ("*",)), changed)
+    assert names(rest) == ["b", "c"]
+    assert [r.version for r in rest.resources] == [
+        changed.of_type(CLUSTER)[n].version for n in ("b", "c")
+    ]

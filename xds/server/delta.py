@@ -149,6 +149,15 @@ class DeltaTypeState(TypeStateBase):
             self.pending = None
         elif self.pending is not None:
             self.pending |= (subscribe | unsubscribe) - {WILDCARD}
+        if self.sub.wildcard and not wildcard:
+            # No longer subscribed to everything: the names outside the subscription leave the
+            # client's concern as if unsubscribed. Kept, they would go stale unseen (changes are
+            # noted for subscribed names only) while still counting as held, so the stream could
+            # take itself for in step with the snapshot, and a later wildcard would never send
+            # them (found by tests/unit/test_fuzz_streams.py).
+            known = self._materialize()
+            for name in [name for name in known if name not in names]:
+                del known[name]
         if names != self.sub.names or wildcard != self.sub.wildcard:
             self.sub = Subscription(names, wildcard)
         if not wildcard and unsubscribe:
