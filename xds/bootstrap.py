@@ -1,9 +1,18 @@
-"""Envoy bootstrap generation: a static cluster for the control plane, all else over ADS."""
+"""Envoy bootstrap generation: a static cluster for the control plane, all else over ADS.
+
+With TLS (`BootstrapTLS`), the control plane's cluster speaks TLS (mTLS: Envoy presents a client
+certificate) whose certificate, key and CA come through file-based SDS: two SDS files in a
+directory Envoy watches (`watched_directory`) name the PEM files, so renewed certificates are
+picked up without a restart. `sds_files` gives their content (`xds bootstrap --write-sds`).
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from xds.config import OTEL_CLUSTER_NAME, XDS_CLUSTER_NAME
@@ -74,6 +83,121 @@ def grpc_cluster(name: str, address: str) -> dict[str, Any]:
     }
 
 
+SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+UPSTREAM_TLS_TYPE = (
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+)
+# The SDS secrets of the xDS connection, each in a file of its name (`<name>.yaml`).
+CLIENT_CERTIFICATE_SECRET = "xds_client_certificate"
+VALIDATION_CONTEXT_SECRET = "xds_validation_context"
+
+
+@dataclass(frozen=True)
+class BootstrapTLS:
+    """Where Envoy finds its TLS material for the control plane. `directory` is watched: it holds
+    the two SDS files and, by default, the PEM files under the names of a Kubernetes TLS Secret
+    (as cert-manager writes it): `ca.crt` (the control plane's CA), `tls.crt` and `tls.key`
+    (Envoy's client certificate). On Kubernetes, a projected volume of the Secret and of a
+    ConfigMap holding the SDS files is one such directory, updated by one atomic rename."""
+
+    directory: Path
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    @property
+    def ca_path(self) -> Path:
+        return self.ca or self.directory / "ca.crt"
+
+    @property
+    def cert_path(self) -> Path:
+        return self.cert or self.directory / "tls.crt"
+
+    @property
+    def key_path(self) -> Path:
+        return self.key or self.directory / "tls.key"
+
+    def sds_path(self, secret: str) -> Path:
+        return self.directory / f"{secret}.yaml"
+
+
+def _absolute(path: Path) -> str:
+    # Envoy resolves relative paths against its working directory, not the bootstrap's.
+    return os.path.abspath(path)
+
+
+def sds_files(tls: BootstrapTLS) -> dict[str, str]:
+    """The SDS files' names and content (JSON, which Envoy reads as YAML too)."""
+    certificate = {
+        "@type": SECRET_TYPE,
+        "name": CLIENT_CERTIFICATE_SECRET,
+        "tls_certificate": {
+            "certificate_chain": {"filename": _absolute(tls.cert_path)},
+            "private_key": {"filename": _absolute(tls.key_path)},
+        },
+    }
+    validation = {
+        "@type": SECRET_TYPE,
+        "name": VALIDATION_CONTEXT_SECRET,
+        "validation_context": {"trusted_ca": {"filename": _absolute(tls.ca_path)}},
+    }
+    return {
+        f"{secret['name']}.yaml": json.dumps({"resources": [secret]}, indent=2) + "\n"
+        for secret in (certificate, validation)
+    }
+
+
+def write_sds_files(tls: BootstrapTLS, directory: Path | None = None) -> list[Path]:
+    """Writes the SDS files into `directory` (default: the watched one), each atomically: Envoy
+    reads them when something is moved into the directory, never half-written."""
+    directory = directory or tls.directory
+    written = []
+    for name, text in sds_files(tls).items():
+        path = directory / name
+        tmp = directory / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+def _sds_config(tls: BootstrapTLS, secret: str) -> dict[str, Any]:
+    return {
+        "name": secret,
+        "sds_config": {
+            "path_config_source": {
+                "path": _absolute(tls.sds_path(secret)),
+                "watched_directory": {"path": _absolute(tls.directory)},
+            },
+            "resource_api_version": "V3",
+        },
+    }
+
+
+def transport_socket(tls: BootstrapTLS, host: str) -> dict[str, Any]:
+    """mTLS to the control plane at `host`, whose certificate must name it (a DNS or IP SAN):
+    without a SAN matcher Envoy would accept any certificate of the CA. ALPN h2: gRPC."""
+    san_type = "IP_ADDRESS" if _is_ip(host) else "DNS"
+    context: dict[str, Any] = {
+        "@type": UPSTREAM_TLS_TYPE,
+        "common_tls_context": {
+            "alpn_protocols": ["h2"],
+            "tls_certificate_sds_secret_configs": [_sds_config(tls, CLIENT_CERTIFICATE_SECRET)],
+            "combined_validation_context": {
+                "default_validation_context": {
+                    "match_typed_subject_alt_names": [
+                        {"san_type": san_type, "matcher": {"exact": host}}
+                    ]
+                },
+                "validation_context_sds_secret_config": _sds_config(tls, VALIDATION_CONTEXT_SECRET),
+            },
+        },
+    }
+    if san_type == "DNS":
+        context["sni"] = host
+    return {"name": "envoy.transport_sockets.tls", "typed_config": context}
+
+
 def _check_loopback_admin(address: str) -> None:
     """Envoy's admin API answers anyone who reaches it (/quitquitquit stops Envoy, /config_dump
     shows every secret name): it stays on a loopback address, which the control plane never sends
@@ -94,12 +218,16 @@ def bootstrap(
     node_cluster: str = "xds-proxies",
     mode: str = "ads",
     otel_collector: str | None = None,
+    tls: BootstrapTLS | None = None,
 ) -> dict[str, Any]:
     """The bootstrap as a dict in Envoy's JSON/YAML shape. With `otel_collector` (HOST:PORT of an
     OTLP/gRPC collector) it defines the cluster `otel_collector` that request tracing sends to
-    (`xds serve --tracing-cluster otel_collector`)."""
+    (`xds serve --tracing-cluster otel_collector`). With `tls`, xDS goes over mTLS."""
     _check_loopback_admin(admin_address)
-    clusters = [grpc_cluster(XDS_CLUSTER, xds_address)]
+    xds_cluster = grpc_cluster(XDS_CLUSTER, xds_address)
+    if tls is not None:
+        xds_cluster["transport_socket"] = transport_socket(tls, parse_address(xds_address)[0])
+    clusters = [xds_cluster]
     if otel_collector is not None:
         clusters.append(grpc_cluster(OTEL_CLUSTER_NAME, otel_collector))
     return {

@@ -336,6 +336,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="an OTLP/gRPC collector for request traces: defines the cluster otel_collector",
     )
     boot.add_argument(
+        "--tls-dir",
+        metavar="DIR",
+        help="mTLS to the control plane, with certificates through file-based SDS: the directory "
+        "Envoy watches, holding the SDS files (see --write-sds) and by default ca.crt, tls.crt "
+        "and tls.key (default: plaintext)",
+    )
+    boot.add_argument(
+        "--tls-ca", metavar="PATH", help="the control plane's CA (default DIR/ca.crt)"
+    )
+    boot.add_argument(
+        "--tls-cert", metavar="PATH", help="Envoy's client certificate (default DIR/tls.crt)"
+    )
+    boot.add_argument("--tls-key", metavar="PATH", help="its private key (default DIR/tls.key)")
+    boot.add_argument(
+        "--write-sds",
+        action="store_true",
+        help="also write the SDS files naming those paths into --tls-dir",
+    )
+    boot.add_argument(
         "--mode",
         default="ads",
         choices=("ads", "xds", "delta-ads", "delta"),
@@ -427,19 +446,31 @@ def _serve(settings: Settings) -> int:
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
-    from xds.bootstrap import bootstrap_text
+    from xds.bootstrap import BootstrapTLS, bootstrap_text, write_sds_files
 
-    print(
-        bootstrap_text(
-            node_id=args.node_id,
-            node_cluster=args.node_cluster,
-            xds_address=args.xds_address,
-            admin_port=args.admin_port,
-            mode=args.mode,
-            otel_collector=args.otel_collector,
-        ),
-        end="",
+    tls = None
+    if args.tls_dir is not None:
+        tls = BootstrapTLS(
+            Path(args.tls_dir),
+            ca=_optional_path(args.tls_ca),
+            cert=_optional_path(args.tls_cert),
+            key=_optional_path(args.tls_key),
+        )
+    elif args.tls_ca or args.tls_cert or args.tls_key or args.write_sds:
+        raise ValueError("--tls-ca, --tls-cert, --tls-key and --write-sds need --tls-dir")
+    text = bootstrap_text(
+        node_id=args.node_id,
+        node_cluster=args.node_cluster,
+        xds_address=args.xds_address,
+        admin_port=args.admin_port,
+        mode=args.mode,
+        otel_collector=args.otel_collector,
+        tls=tls,
     )
+    if tls is not None and args.write_sds:
+        for path in write_sds_files(tls):
+            log.info("wrote %s", path)
+    print(text, end="")
     return 0
 
 
