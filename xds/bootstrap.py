@@ -128,18 +128,24 @@ def _absolute(path: Path) -> str:
 
 def sds_files(tls: BootstrapTLS) -> dict[str, str]:
     """The SDS files' names and content (JSON, which Envoy reads as YAML too)."""
+    # Envoy re-reads the PEM files when something is moved into the directory a secret names
+    # (`watched_directory`); the cert and key are then read together and checked to match.
     certificate = {
         "@type": SECRET_TYPE,
         "name": CLIENT_CERTIFICATE_SECRET,
         "tls_certificate": {
             "certificate_chain": {"filename": _absolute(tls.cert_path)},
             "private_key": {"filename": _absolute(tls.key_path)},
+            "watched_directory": {"path": _absolute(tls.cert_path.parent)},
         },
     }
     validation = {
         "@type": SECRET_TYPE,
         "name": VALIDATION_CONTEXT_SECRET,
-        "validation_context": {"trusted_ca": {"filename": _absolute(tls.ca_path)}},
+        "validation_context": {
+            "trusted_ca": {"filename": _absolute(tls.ca_path)},
+            "watched_directory": {"path": _absolute(tls.ca_path.parent)},
+        },
     }
     return {
         f"{secret['name']}.yaml": json.dumps({"resources": [secret]}, indent=2) + "\n"

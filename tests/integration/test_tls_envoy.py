@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from cryptography import x509
 
 from tests.integration.conftest import LOOPBACK, endpoint_slice, service, write_manifests
 from tests.unit.test_tls import Authority, replace
@@ -127,5 +128,89 @@ async def test_envoy_over_mtls_gets_its_configuration_and_traffic_flows(tmp_path
             assert stream["node_id"] == "envoy-1.team-a"
             assert plane.server.identity is not None and plane.server.identity.refused == 0
     finally:
+        await envoy.stop()
+        await plane.stop(grace_s=0)
+
+
+async def test_envoy_follows_its_renewed_certificate_and_a_foreign_node_is_refused(
+    tmp_path: Path,
+):
+    """Envoy's certificate renewed in its watched directory is loaded without a restart (admin
+    /certs); an Envoy whose node id names another namespace than its certificate is refused."""
+    authority = Authority()
+    server_dir = tmp_path / "server"
+    server = authority.issue("127.0.0.1", name="xds").write(server_dir)
+    replace(server_dir / "ca.crt", authority.pem)
+    envoy_tls = BootstrapTLS(tmp_path / "envoy-tls")
+    authority.issue(SPIFFE_A, name="envoy").write(envoy_tls.directory)
+    replace(envoy_tls.ca_path, authority.pem)
+    write_sds_files(envoy_tls)
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    write_manifests(
+        manifests / "mesh.yaml", service("web", 8080), endpoint_slice("web", ["127.0.0.1"], 9)
+    )
+    plane = ControlPlane(
+        Settings(
+            manifests=(manifests,),
+            xds_port=0,
+            allowed_endpoint_ranges=LOOPBACK,
+            tls_cert=server.cert,
+            tls_key=server.key,
+            tls_client_ca=server_dir / "ca.crt",
+        )
+    )
+    ports = await plane.start()
+
+    def over_mtls(config: dict[str, Any]) -> None:
+        [cluster] = config["static_resources"]["clusters"]
+        cluster["transport_socket"] = transport_socket(envoy_tls, "127.0.0.1")
+        # A refused Envoy is ready after this, not after the default 15 s.
+        for source in ("cds_config", "lds_config"):
+            config["dynamic_resources"][source]["initial_fetch_timeout"] = "1s"
+
+    async def serials(envoy: Envoy) -> set[int]:
+        certs = await envoy.get_json("/certs")
+        # Hex of the serial's DER bytes: a leading zero when its first digit is alone.
+        return {
+            int(entry["serial_number"], 16)
+            for cert in certs.get("certificates", [])
+            for entry in cert.get("cert_chain", [])
+        }
+
+    def serial(pem: bytes) -> int:
+        return x509.load_pem_x509_certificate(pem).serial_number
+
+    envoy = Envoy(
+        f"127.0.0.1:{ports.xds}", node_id="envoy-1.team-a", workdir=tmp_path, customize=over_mtls
+    )
+    foreign = Envoy(
+        f"127.0.0.1:{ports.xds}", node_id="envoy-1.team-b", workdir=tmp_path, customize=over_mtls
+    )
+    try:
+        await envoy.start()
+        await wait_for(lambda: plane.server.syncz(), 10, what="a stream of envoy-1.team-a")
+        assert serial(envoy_tls.cert_path.read_bytes()) in await serials(envoy)
+
+        renewed = authority.issue(SPIFFE_A, name="envoy renewed")
+        # As a Secret volume is updated: new files moved into the watched directory.
+        replace(envoy_tls.key_path, renewed.key)
+        replace(envoy_tls.cert_path, renewed.cert)
+
+        async def renewed_loaded() -> bool:
+            return serial(renewed.cert) in await serials(envoy)
+
+        await wait_for(renewed_loaded, 10, what="Envoy's renewed client certificate loaded")
+
+        await foreign.start()
+        identity = plane.server.identity
+        assert identity is not None
+        await wait_for(lambda: identity.refused >= 1, 10, what="envoy-1.team-b refused")
+        assert [s["node_id"] for s in plane.server.syncz()] == ["envoy-1.team-a"]
+        assert not any("default/web" in name for name in (await foreign.endpoints())), (
+            "the refused Envoy got clusters"
+        )
+    finally:
+        await foreign.stop()
         await envoy.stop()
         await plane.stop(grace_s=0)
