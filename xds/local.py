@@ -12,13 +12,14 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,15 +35,60 @@ _handed_out: set[int] = set()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free now and never returned before by this process: the kernel may hand a just-closed
-    port out again, and two callers (an Envoy listener, a backend) would then collide."""
-    while True:
+    """A port free now and never returned before by this process.
+
+    Taken below the kernel's ephemeral range where there is room: a port from that range can be
+    taken between this check and its use by any outgoing connection (Envoy's own, to backends),
+    and the kernel may hand a just-closed port out again."""
+    for _ in range(200):
+        port = _random.randrange(*_STATIC_RANGE)
+        if port not in _handed_out and _bindable(host, port):
+            _handed_out.add(port)
+            return port
+    while True:  # nothing free below the range: the kernel's choice, never handed out twice
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((host, 0))
-            port: int = sock.getsockname()[1]
+            port = int(sock.getsockname()[1])
         if port not in _handed_out:
             _handed_out.add(port)
             return port
+
+
+def free_port_offset(ports: Sequence[int], host: str = "127.0.0.1") -> int:
+    """An offset that puts every one of `ports` on a port that `free_port` could return, all at
+    once (Envoy listens on `service port + offset` for several service ports)."""
+    for _ in range(200):
+        offset = free_port(host) - min(ports)
+        moved = [port + offset for port in ports]
+        if offset > 0 and all(
+            port == min(moved) or (port not in _handed_out and _bindable(host, port))
+            for port in moved
+        ):
+            _handed_out.update(moved)
+            return offset
+    raise RuntimeError(f"no free offset for ports {list(ports)}")
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _static_range() -> tuple[int, int]:
+    """Ports below the kernel's ephemeral range (Linux's setting; the IANA one elsewhere)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 49152
+    return (10_000, low) if low > 12_000 else (low, 65_535)
+
+
+_STATIC_RANGE = _static_range()
+_random = random.Random()
 
 
 # What `wait_for` polls: any truthy result ends the wait (a list of connections, a response's text),

@@ -19,32 +19,9 @@ import pytest
 from tests.integration.conftest import LOOPBACK, endpoint_slice, service, write_manifests
 from xds.app import ControlPlane
 from xds.config import Settings
-from xds.local import Backend, Envoy, backends, free_port, request_backend, wait_for
+from xds.local import Backend, Envoy, backends, free_port_offset, request_backend, wait_for
 
 HTTP_A, HTTP_B, TCP = 8080, 9090, 5000
-
-
-def free_offset(ports: tuple[int, ...]) -> int:
-    """An offset that puts every service port on a free loopback port."""
-    import socket
-
-    for _ in range(50):
-        offset = free_port() - max(ports)
-        if offset <= 0:
-            continue
-        try:
-            sockets = []
-            for port in ports:
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port + offset))
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-        return offset
-    raise RuntimeError("no free listener port offset")
 
 
 def state(step: int, pods: list[Backend], bad: bool = False) -> list[dict[str, Any]]:
@@ -89,7 +66,7 @@ def type_states(clients: list[dict[str, Any]], short: str) -> list[dict[str, Any
 
 @pytest.mark.parametrize("mode", ["ads", "xds", "delta-ads", "delta"])
 async def test_updates_and_a_nack_in_every_mode(tmp_path: Path, mode: str):
-    offset = free_offset((HTTP_A, HTTP_B, TCP))
+    offset = free_port_offset((HTTP_A, HTTP_B, TCP))
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     path = manifests / "mesh.yaml"

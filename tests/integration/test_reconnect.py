@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from tests.integration.conftest import LOOPBACK, endpoint_slice, service, write_manifests
 from xds.app import ControlPlane
 from xds.config import Settings
-from xds.local import Envoy, free_port, wait_for
+from xds.local import Envoy, free_port, free_port_offset, wait_for
 from xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from xds.translate import decode
 
@@ -163,7 +163,7 @@ async def test_a_hundred_reconnects_mid_push_converge_every_time(tmp_path: Path,
         manifests=(manifests,),
         xds_port=0,
         listener_address="127.0.0.1",
-        listener_port_offset=free_port() - 8080 - 1,
+        listener_port_offset=free_port_offset((8080, 8081)),
         allowed_endpoint_ranges=LOOPBACK,
     )
     plane = ControlPlane(settings)
@@ -225,7 +225,7 @@ async def test_an_envoy_moving_to_another_replica_receives_nothing_new(tmp_path:
         manifests=(manifests,),
         xds_port=0,
         listener_address="127.0.0.1",
-        listener_port_offset=free_port() - 8080 - 1,
+        listener_port_offset=free_port_offset((8080, 8081)),
         allowed_endpoint_ranges=LOOPBACK,
     )
     first, second = ControlPlane(settings), ControlPlane(settings)
