@@ -12,7 +12,7 @@ import contextlib
 import functools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import grpc
@@ -27,7 +27,7 @@ from xds.metrics import Metrics
 from xds.model import Mesh, Problem
 from xds.resources import short_name
 from xds.server.callbacks import CallbackList
-from xds.server.service import DiscoveryServer, start_server
+from xds.server.service import DiscoveryServer, ServerLimits, start_server
 from xds.server.tracing import TracingCallbacks
 from xds.sources.files import ManifestSource
 from xds.sources.health import SourceHealth
@@ -92,7 +92,10 @@ class ControlPlane:
             self.cache,
             per_type_rewrite=functools.partial(for_api_type, xds_cluster=settings.xds_cluster_name),
             callbacks=CallbackList(TracingCallbacks(), self.metrics),
-            identity=IdentityGate() if settings.tls_client_ca is not None else None,
+            identity=(
+                IdentityGate(settings.trust_domain) if settings.tls_client_ca is not None else None
+            ),
+            max_streams_per_peer=settings.max_streams_per_peer,
         )
         self.metrics.watch_state(self.server.subscriptions, self._snapshot_size)
         self.ready = False
@@ -149,6 +152,7 @@ class ControlPlane:
                 self.server,
                 self.settings.xds_host,
                 self.settings.xds_port,
+                limits=self._server_limits(),
                 credentials=self.certificates.credentials() if self.certificates else None,
             )
             log_transport(self.settings.xds_host, xds_port, self.tls)
@@ -254,6 +258,14 @@ class ControlPlane:
             translation.translated,
             elapsed * 1000,
         )
+
+    def _server_limits(self) -> ServerLimits:
+        limits = ServerLimits()
+        if self.settings.max_receive_bytes is not None:
+            limits = replace(limits, max_receive_message_bytes=self.settings.max_receive_bytes)
+        if self.settings.max_connection_age_s is not None:
+            limits = replace(limits, max_connection_age_s=self.settings.max_connection_age_s)
+        return limits
 
     def _translate(self) -> tuple[Mesh, Translation]:
         mesh = self.source.mesh()

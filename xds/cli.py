@@ -160,6 +160,10 @@ def _settings(args: argparse.Namespace) -> Settings:
         tls_cert=_optional_path(getattr(args, "tls_cert", None)),
         tls_key=_optional_path(getattr(args, "tls_key", None)),
         tls_client_ca=_optional_path(getattr(args, "tls_client_ca", None)),
+        trust_domain=getattr(args, "trust_domain", None),
+        max_receive_bytes=getattr(args, "max_receive_bytes", None),
+        max_connection_age_s=getattr(args, "max_connection_age", None),
+        max_streams_per_peer=getattr(args, "max_streams_per_peer", None),
         listener_port_offset=args.listener_port_offset,
         listener_address=args.listener_address,
         lb_policy=args.lb_policy,
@@ -275,6 +279,16 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="xds", description="An Envoy xDS control plane.")
     parser.add_argument("--version", action="version", version=f"xds {_version()}")
@@ -323,6 +337,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="require client certificates from this PEM CA (mTLS) whose identity matches the "
         "client's node id",
+    )
+    serve.add_argument(
+        "--trust-domain",
+        metavar="DOMAIN",
+        help="with mTLS: SPIFFE identities must be in this trust domain (default: any)",
+    )
+    serve.add_argument(
+        "--max-receive-bytes",
+        type=_positive_int,
+        metavar="N",
+        help="largest xDS request accepted (default 4 MiB; a SotW ACK repeats every name)",
+    )
+    serve.add_argument(
+        "--max-connection-age",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="close xDS connections after this long, +-10%% jitter, so proxies spread over "
+        "replicas after a rollout (default 1800)",
+    )
+    serve.add_argument(
+        "--max-streams-per-peer",
+        type=_positive_int,
+        metavar="N",
+        help="xDS streams open at once from one client address (default: no limit; proxies "
+        "behind one NAT share an address)",
     )
 
     boot = commands.add_parser("bootstrap", help="print an Envoy bootstrap for this control plane")

@@ -44,6 +44,12 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    # With mTLS, a SPIFFE identity must be in this trust domain (None: any).
+    trust_domain: str | None = None
+    # Limits on xDS clients; None: the server's default (see xds.server.service).
+    max_receive_bytes: int | None = None
+    max_connection_age_s: float | None = None
+    max_streams_per_peer: int | None = None
 
     # Translation defaults.
     lb_policy: str = "RANDOM"
@@ -81,6 +87,12 @@ class Settings:
     def __post_init__(self) -> None:
         if self.admin_token is not None and not self.admin_token.strip():
             raise ValueError("admin_token must not be empty")
+        for name in ("max_receive_bytes", "max_connection_age_s", "max_streams_per_peer"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.trust_domain is not None and self.tls_client_ca is None:
+            raise ValueError("a trust domain (--trust-domain) needs mTLS (--tls-client-ca)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
         if self.tls_client_ca is not None and self.tls_cert is None:

@@ -9,11 +9,14 @@ import resource
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import grpc
 
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
+from xds.app import ControlPlane
 from xds.cache import Cache
+from xds.cli import _settings, build_parser
 from xds.resources import CLUSTER, ENDPOINT, Resource
 from xds.server.service import (
     MAX_RECEIVE_MESSAGE_BYTES,
@@ -227,3 +230,40 @@ async def test_streams_past_the_limit_per_client_address_are_refused() -> None:
         await wait_until(lambda: not server._per_peer)
         for ch in channels:
             await ch.close()
+
+
+async def test_the_serve_flags_reach_the_running_server(tmp_path: Path) -> None:
+
+    (tmp_path / "mesh.yaml").write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n"
+        "spec: {ports: [{name: http, port: 80}]}\n"
+    )
+    args = build_parser().parse_args(
+        ["serve", "--manifests", str(tmp_path), "--xds-port", "0"]
+        + ["--max-receive-bytes", "65536", "--max-streams-per-peer", "1"]
+        + ["--max-connection-age", "600"]
+    )
+    settings = _settings(args)
+    assert (settings.max_receive_bytes, settings.max_streams_per_peer) == (65536, 1)
+    plane = ControlPlane(settings)
+    assert plane._server_limits().max_connection_age_s == 600
+    ports = await plane.start()
+    try:
+        first_channel, second_channel = channel(ports.xds), channel(ports.xds)
+        first = ads_call(first_channel)
+        await first.write(discovery_pb2.DiscoveryRequest(type_url=CLUSTER))
+        await asyncio.wait_for(first.read(), DEADLINE_S)
+        second = ads_call(second_channel)  # a second stream from the same address
+        await second.write(discovery_pb2.DiscoveryRequest(type_url=CLUSTER))
+        assert await asyncio.wait_for(second.code(), DEADLINE_S) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+        first.cancel()
+        await wait_until(lambda: not plane.server.streams)  # the per-address limit is free
+        big = ads_call(second_channel)
+        await big.write(discovery_pb2.DiscoveryRequest(type_url=CLUSTER, node={"id": "n" * 70_000}))
+        assert await asyncio.wait_for(big.code(), DEADLINE_S) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        await first_channel.close()
+        await second_channel.close()
+    finally:
+        await plane.stop()
