@@ -515,3 +515,28 @@ def test_a_character_device_is_a_stream():
     source.reload()  # empty: nothing to serve, and no complaint about the file
     assert len(source.mesh()) == 0
     assert all(p.location != os.devnull for p in source.problems())
+
+
+def test_a_file_cut_by_a_write_in_progress_keeps_its_last_good_content(tmp_path: Path):
+    # The case a tester found: a file written in place, read mid-write, published 11 of its 21
+    # clusters. A cut that still parses (fewer documents) must withdraw nothing.
+    path = tmp_path / "mesh.yaml"
+    whole = "---\n".join(service_yaml(f"s{i}") for i in range(21))
+    write(path, whole)
+    source = ManifestSource([tmp_path])
+    source.reload()
+    assert len(names(source)) == 21
+    cut = whole[: whole.index("name: s11") + len("name: s1")]  # inside document 12, a valid prefix
+    write(path, cut)
+    [problem] = source.reload([path])
+    assert "does not end with a line break" in problem.message and "last good" in problem.message
+    assert len(names(source)) == 21
+    write(path, "")  # truncated to nothing, as `>` does before writing
+    [problem] = source.reload([path])
+    assert "is empty" in problem.message and len(names(source)) == 21
+    # The write completes: applied. Fewer objects in a finished file are a real removal.
+    write(path, "---\n".join(service_yaml(f"s{i}") for i in range(5)))
+    assert source.reload([path]) == [] and len(names(source)) == 5
+    # A file that never ended with a line break is read as it is.
+    other = write(tmp_path / "other.yaml", service_yaml("o").rstrip("\n"))
+    assert source.reload([other]) == [] and "o" in names(source)

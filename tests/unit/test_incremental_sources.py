@@ -268,6 +268,7 @@ def test_documents_converted_one_by_one_are_the_whole_file_converted(tmp_path: P
     path = tmp_path / "mesh.yaml"
     source = ManifestSource([path])
     reference: Converted | None = None
+    complete = False  # whether the last good text ended with a line break
     for step in range(30):
         texts = [rng.choice(EDITS) for _ in range(rng.randrange(0, 8))]
         text = "".join(t if t.startswith("---") else "---\n" + t for t in texts)
@@ -279,6 +280,9 @@ def test_documents_converted_one_by_one_are_the_whole_file_converted(tmp_path: P
             docs = list(yaml.load_all(text, Loader=yaml.SafeLoader))
         except yaml.YAMLError:
             continue  # the last good content stays: checked by test_files
+        if complete and not text.endswith("\n"):
+            continue  # a file that looks cut keeps its last good content: checked by test_files
+        complete = text.endswith("\n")
         reference = convert_documents(docs, str(path), previous=reference)
         mesh, joined = assemble([reference])
         context = f"seed {seed}, step {step}: {text!r}"

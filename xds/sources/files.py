@@ -112,6 +112,8 @@ class _File:
     documents: dict[bytes, list[ConvertedDocument]] = field(default_factory=dict)
     # Gone from disk while its root was unavailable: still served (see _load).
     gone: bool = False
+    # Whether the last good content ended with a line break (see _convert).
+    complete: bool = False
 
 
 @dataclass(slots=True)
@@ -600,12 +602,28 @@ class ManifestSource:
             # Saved without a change: the same bytes convert to the same objects and problems.
             return False
         file.digest = digest
+        complete = data.endswith(b"\n")
+        if file.complete and not complete and not json_file and file.converted is not None:
+            # A file written in place (not replaced atomically) is read while the writer is
+            # still at it, cut anywhere: it may well parse, as fewer documents or an object
+            # without its last fields, and would withdraw what it has not reached yet. Editors,
+            # kubectl and YAML libraries end a file with a line break; a cut rarely falls just
+            # after one. The last good content stays until the file ends like a finished one.
+            return self._failed(
+                file,
+                "does not end with a line break, as a file still being written: add one at the "
+                "end to apply it"
+                if data
+                else "is empty, as a file being rewritten in place is at first: to serve nothing "
+                "from it, delete it or leave a line break in it",
+            )
         try:
             documents = self._documents(file, data, json_file)
         except (yaml.YAMLError, ValueError, RecursionError, MemoryError) as exc:
             return self._failed(file, _parse_error(exc, json_file))
         file.converted = join_documents(documents, file.location, previous=file.converted)
         file.problems = file.converted.problems
+        file.complete = complete
         return True
 
     def _documents(self, file: _File, data: bytes, json_file: bool) -> list[ConvertedDocument]:
