@@ -208,12 +208,16 @@ class Informer:
                 need_list = True
                 if isinstance(exc, Malformed):
                     why = str(exc)
+                elif self._stop.is_set():
+                    return
                 else:
                     log.exception("%s: unexpected failure", self.where)
                     why = f"{type(exc).__name__}: {exc}"
                 self._pause(delays, f"{why}; relisting")
 
     def _pause(self, delays: Iterator[float], why: str) -> None:
+        if self._stop.is_set():
+            return  # stopping: the failure is the connection being torn down, not news
         self.health.failed(self.where, why)
         delay = backoff.full_jitter(next(delays))
         log.warning("%s: %s; retrying in %.2fs", self.where, why, delay)
