@@ -80,9 +80,9 @@ class Watched:
             await asyncio.wait_for(self.notified.wait(), remaining)
 
 
-@pytest.fixture
-async def watched(api_client: client.ApiClient) -> AsyncIterator[Watched]:
-    source = KubeSource(KubeSettings(), api=api_client)
+@contextlib.asynccontextmanager
+async def watching(source: KubeSource) -> AsyncIterator[Watched]:
+    """`source.watch()` running for the duration, cancelled after."""
     watched = Watched(source)
     task = asyncio.create_task(source.watch(watched.notified.set))
     try:
@@ -91,6 +91,12 @@ async def watched(api_client: client.ApiClient) -> AsyncIterator[Watched]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@pytest.fixture
+async def watched(api_client: client.ApiClient) -> AsyncIterator[Watched]:
+    async with watching(KubeSource(KubeSettings(), api=api_client)) as running:
+        yield running
 
 
 def port_of(mesh: Mesh, name: str) -> int | None:

@@ -8,7 +8,6 @@ the unmodified client; every wait is on a condition with a deadline.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -19,6 +18,7 @@ from tests.kubeapi import SERVICES, KubeAPIServer
 from tests.unit.test_incremental_sources_kube import Watched, port_of, service
 from tests.unit.test_incremental_sources_kube import api as api  # noqa: F401 (a fixture)
 from tests.unit.test_incremental_sources_kube import api_client as api_client  # noqa: F401
+from tests.unit.test_incremental_sources_kube import watching as running
 from xds.sources.health import SourceHealth
 from xds.sources.kube import KubeSettings, KubeSource
 
@@ -62,15 +62,8 @@ async def watching(
     api_client: client.ApiClient,  # noqa: F811
     health: SourceHealth,
 ) -> AsyncIterator[Watched]:
-    source = KubeSource(FAST, api=api_client, health=health)
-    watched = Watched(source)
-    task = asyncio.create_task(source.watch(watched.notified.set))
-    try:
+    async with running(KubeSource(FAST, api=api_client, health=health)) as watched:
         yield watched
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @pytest.mark.asyncio
