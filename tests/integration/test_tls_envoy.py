@@ -19,6 +19,7 @@ from xds.bootstrap import BootstrapTLS, transport_socket, write_sds_files
 from xds.cli import main
 from xds.config import Settings
 from xds.local import Envoy, backends, envoy_validate, free_port, request_backend, wait_for
+from xds.tls import ServerTLS
 
 SPIFFE_A = "spiffe://cluster.local/ns/team-a/sa/envoy"
 
@@ -74,16 +75,22 @@ def test_tls_options_without_a_tls_dir_are_a_usage_error(capsys):
     assert "need --tls-dir" in capsys.readouterr().err
 
 
-async def test_envoy_over_mtls_gets_its_configuration_and_traffic_flows(tmp_path: Path):
+def pki(tmp_path: Path, *server_names: str) -> tuple[Authority, ServerTLS, BootstrapTLS]:
+    """A test CA; the control plane's certificate for `server_names` (with the CA beside it);
+    Envoy's side as a Kubernetes TLS Secret's names, with the SDS files naming them."""
     authority = Authority()
     server_dir = tmp_path / "server"
-    server = authority.issue("localhost", "127.0.0.1", name="xds").write(server_dir)
+    server = authority.issue(*server_names, name="xds").write(server_dir)
     replace(server_dir / "ca.crt", authority.pem)
-    # Envoy's side: a Kubernetes TLS Secret's names, and the SDS files naming them.
     envoy_tls = BootstrapTLS(tmp_path / "envoy-tls")
     authority.issue(SPIFFE_A, name="envoy").write(envoy_tls.directory)
     replace(envoy_tls.ca_path, authority.pem)
     write_sds_files(envoy_tls)
+    return authority, server, envoy_tls
+
+
+async def test_envoy_over_mtls_gets_its_configuration_and_traffic_flows(tmp_path: Path):
+    authority, server, envoy_tls = pki(tmp_path, "localhost", "127.0.0.1")
 
     manifests = tmp_path / "manifests"
     manifests.mkdir()
@@ -96,7 +103,7 @@ async def test_envoy_over_mtls_gets_its_configuration_and_traffic_flows(tmp_path
         allowed_endpoint_ranges=LOOPBACK,
         tls_cert=server.cert,
         tls_key=server.key,
-        tls_client_ca=server_dir / "ca.crt",
+        tls_client_ca=tmp_path / "server" / "ca.crt",
     )
     plane = ControlPlane(settings)
     ports = await plane.start()
@@ -137,14 +144,7 @@ async def test_envoy_follows_its_renewed_certificate_and_a_foreign_node_is_refus
 ):
     """Envoy's certificate renewed in its watched directory is loaded without a restart (admin
     /certs); an Envoy whose node id names another namespace than its certificate is refused."""
-    authority = Authority()
-    server_dir = tmp_path / "server"
-    server = authority.issue("127.0.0.1", name="xds").write(server_dir)
-    replace(server_dir / "ca.crt", authority.pem)
-    envoy_tls = BootstrapTLS(tmp_path / "envoy-tls")
-    authority.issue(SPIFFE_A, name="envoy").write(envoy_tls.directory)
-    replace(envoy_tls.ca_path, authority.pem)
-    write_sds_files(envoy_tls)
+    authority, server, envoy_tls = pki(tmp_path, "127.0.0.1")
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     write_manifests(
@@ -157,7 +157,7 @@ async def test_envoy_follows_its_renewed_certificate_and_a_foreign_node_is_refus
             allowed_endpoint_ranges=LOOPBACK,
             tls_cert=server.cert,
             tls_key=server.key,
-            tls_client_ca=server_dir / "ca.crt",
+            tls_client_ca=tmp_path / "server" / "ca.crt",
         )
     )
     ports = await plane.start()
