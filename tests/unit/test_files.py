@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from xds.model import ServiceKey
+from xds.model import Problem, ServiceKey
 from xds.sources import files
 from xds.sources.files import ManifestSource
 
@@ -53,6 +53,12 @@ def replace_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
+
+
+def problems_applied(source: ManifestSource) -> list[Problem]:
+    """The problems once what watch events recorded is applied, as a rebuild applies it."""
+    source.mesh()
+    return source.problems()
 
 
 def names(source: ManifestSource) -> list[str]:
@@ -348,7 +354,7 @@ async def test_watch_keeps_the_last_good_content_of_a_broken_file(tmp_path: Path
     source.reload()
     async with Watching(source) as watching:
         write(web, "apiVersion: v1\nkind: [Service\nmetadata: {}\n")
-        await watching.until(lambda: bool(source.problems()))
+        await watching.until(lambda: bool(problems_applied(source)))
         (problem,) = source.problems()
         assert problem.location == str(web) and "line 2" in problem.message
         assert port_of(source) == 80
@@ -373,7 +379,7 @@ async def test_watch_a_configured_file_replaced_by_an_editor(tmp_path: Path):
         # A configured path that disappears is not a deletion of what it held (a volume
         # remounted, a link swapped): its last good content stays, and a problem says so.
         web.unlink()
-        await watching.until(lambda: bool(source.problems()))
+        await watching.until(lambda: bool(problems_applied(source)))
         assert "does not exist" in source.problems()[0].message
         assert port_of(source) == 82
         write(web, service_yaml(port=84))
@@ -392,12 +398,12 @@ async def test_watch_picks_up_paths_that_did_not_exist_at_start(tmp_path: Path):
         write(file_root, service_yaml("file"))
         await watching.until(lambda: names(source) == ["file"])
         dir_root.mkdir(parents=True)
-        await watching.until(lambda: len(source.problems()) == 0)
+        await watching.until(lambda: len(problems_applied(source)) == 0)
         write(dir_root / "svc.yaml", service_yaml("dir"))
         await watching.until(lambda: names(source) == ["dir", "file"])
         # A configured directory that disappears keeps serving what was read from it.
         shutil.rmtree(tmp_path / "deep")
-        await watching.until(lambda: bool(source.problems()))
+        await watching.until(lambda: bool(problems_applied(source)))
         (problem,) = source.problems()
         assert problem.location == str(dir_root) and "does not exist" in problem.message
         assert names(source) == ["dir", "file"]

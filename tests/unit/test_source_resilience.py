@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.unit.test_files import Watching, names, port_of, service_yaml, write
+from tests.unit.test_files import Watching, names, port_of, problems_applied, service_yaml, write
 from xds.app import ControlPlane
 from xds.config import Settings
 from xds.sources import files
@@ -110,7 +110,7 @@ async def test_watch_keeps_serving_a_directory_renamed_away_and_back(tmp_path: P
         write(moved / "a.yaml", service_yaml("a", port=81))
         os.rename(moved, root)
         await watching.until(lambda: port_of(source, "a") == 81)
-        await watching.until(lambda: source.problems() == [])
+        await watching.until(lambda: problems_applied(source) == [])
         assert names(source) == ["a", "b"]
 
 

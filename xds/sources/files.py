@@ -175,16 +175,10 @@ class ManifestSource:
             return self._hand_out()
 
     def problems(self) -> list[Problem]:
-        """The current problems: missing paths, each file's (by location), then the joining's.
-
-        Changes recorded by watch events are applied first unless another thread is applying them
-        right now; then the problems of the mesh last built are returned without waiting for it.
+        """The problems of the mesh last built (what is served): missing paths, each file's (by
+        location), then the joining's. Cheap and never reads a file, so an admin request on the
+        event loop costs nothing; what watch events recorded since shows after the next `mesh()`.
         """
-        if self._pending and self._lock.acquire(blocking=False):
-            try:
-                self._apply_pending_or_retry()
-            finally:
-                self._lock.release()
         return [*self._published, *self.health.problems()]
 
     def reload(self, changed: Iterable[Path] | None = None) -> list[Problem]:
