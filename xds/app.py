@@ -98,6 +98,15 @@ class ControlPlane:
             max_streams_per_peer=settings.max_streams_per_peer,
         )
         self.metrics.watch_state(self.server.subscriptions, self._snapshot_size)
+        if self.certificates is not None:
+            certificates, identity = self.certificates, self.server.identity
+            self.metrics.watch_transport(
+                lambda: (
+                    certificates.reloads,
+                    certificates.failures,
+                    identity.refused if identity is not None else 0,
+                )
+            )
         self.ready = False
         self.rebuilds = 0
         self.last_translation: Translation | None = None

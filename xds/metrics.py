@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client import Counter as PromCounter
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from xds.resources import short_name
@@ -73,6 +73,31 @@ class _SourceState(Collector):
         )
         degraded_family.add_metric([source], degraded)
         yield degraded_family
+
+
+class _TransportState(Collector):
+    """Counters kept by the TLS objects, read when scraped."""
+
+    def __init__(self, counts: Callable[[], tuple[int, int, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        reloads, failures, refusals = self._counts()
+        yield CounterMetricFamily(
+            "xds_tls_certificate_reloads",
+            "Server certificates read again from disk after a change and used",
+            value=reloads,
+        )
+        yield CounterMetricFamily(
+            "xds_tls_certificate_reload_failures",
+            "Certificate changes not used (unreadable, or a key that is not the certificate's)",
+            value=failures,
+        )
+        yield CounterMetricFamily(
+            "xds_identity_refusals",
+            "Streams refused because their node is not their client certificate's",
+            value=refusals,
+        )
 
 
 class Metrics(Callbacks):
@@ -155,6 +180,11 @@ class Metrics(Callbacks):
         """`health()` gives the source's name, how many of its parts are failing and how many
         serve their last good input (a configured path gone), read at scrape time."""
         self.registry.register(_SourceState(health))
+
+    def watch_transport(self, counts: Callable[[], tuple[int, int, int]]) -> None:
+        """`counts()` gives certificate reloads, reload failures and identity refusals so far,
+        read at scrape time (with TLS only)."""
+        self.registry.register(_TransportState(counts))
 
     def relisted(self, resource: str) -> None:
         self._relists.labels(resource).inc()

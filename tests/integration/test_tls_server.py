@@ -219,6 +219,14 @@ async def test_the_control_plane_serves_tls_from_its_settings_and_says_so(tmp_pa
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await first_response(channel, "node-1")
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Reloads are counted in /metrics: a renewed certificate is read at the next handshake.
+        exposition = plane.metrics.exposition().decode()
+        assert "xds_tls_certificate_reloads_total 0.0" in exposition
+        assert "xds_identity_refusals_total 0.0" in exposition
+        authority.issue("localhost", "127.0.0.1", name="renewed").write(tmp_path / "tls")
+        async with grpc.aio.secure_channel(f"127.0.0.1:{ports.xds}", credentials) as channel:
+            assert (await first_response(channel, "node-1")).resources
+        assert "xds_tls_certificate_reloads_total 1.0" in plane.metrics.exposition().decode()
     finally:
         await plane.stop(grace_s=0)
 
