@@ -36,6 +36,7 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check xds tests bench protos
+	$(BIN)/ruff format --check xds tests bench protos
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 

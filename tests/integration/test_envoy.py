@@ -232,10 +232,7 @@ async def test_bad_manifests_are_reported_and_the_rest_is_served(mesh: Mesh):
 
         async def all_reported() -> bool:
             text = json.dumps(await mesh.problems())
-            return all(
-                word in text
-                for word in ("broken.yaml", "portless", "unlabelled", "ghost")
-            )
+            return all(word in text for word in ("broken.yaml", "portless", "unlabelled", "ghost"))
 
         await wait_for(all_reported, 10, what="every bad object reported")
         problems = await mesh.problems()
