@@ -378,3 +378,20 @@ def test_an_ack_repeating_its_names_is_recognised_without_parsing_them(monkeypat
     )  # fmt: skip
     assert stream.on_message(nack.SerializeToString(), cache.snapshot) == []
     assert len(parsed) == 2 and state.rejections.nack is not None
+
+
+def test_an_empty_assignment_is_built_once_per_name_and_its_cache_is_bounded(monkeypatch):
+    from xds._pb.envoy.config.endpoint.v3 import endpoint_pb2
+    from xds.server import stream as stream_module
+
+    monkeypatch.setattr(stream_module, "_EMPTIES", {})
+    monkeypatch.setattr(stream_module, "_EMPTIES_KEPT", 3)
+    first = stream_module.empty_assignment("ns/gone:http")
+    assert stream_module.empty_assignment("ns/gone:http") is first
+    decoded = endpoint_pb2.ClusterLoadAssignment.FromString(first.body)
+    assert decoded.cluster_name == "ns/gone:http" and not decoded.endpoints
+    for i in range(5):
+        stream_module.empty_assignment(f"ns/other-{i}:http")
+    assert len(stream_module._EMPTIES) <= 3
+    again = stream_module.empty_assignment("ns/gone:http")
+    assert again == first  # rebuilt after the bound cleared it: equal content and version

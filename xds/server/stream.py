@@ -605,5 +605,17 @@ SHARED = SharedEncodings()
 
 
 def empty_assignment(name: str) -> Resource:
-    # ClusterLoadAssignment{cluster_name (field 1)}: a cluster with no endpoints.
-    return Resource.from_bytes(ENDPOINT, name, encode_len_field(1, name.encode()))
+    """ClusterLoadAssignment{cluster_name (field 1)}: a cluster with no endpoints. Built once per
+    name: a look asks for it twice (vetting, then planning), and every stream that still names a
+    removed cluster asks for the same one."""
+    resource = _EMPTIES.get(name)
+    if resource is None:
+        if len(_EMPTIES) >= _EMPTIES_KEPT:
+            _EMPTIES.clear()  # a bound on memory, not a policy: rebuilt on demand
+        resource = Resource.from_bytes(ENDPOINT, name, encode_len_field(1, name.encode()))
+        _EMPTIES[name] = resource
+    return resource
+
+
+_EMPTIES: dict[str, Resource] = {}
+_EMPTIES_KEPT = 100_000
