@@ -9,7 +9,7 @@ the unmodified client; every wait is on a condition with a deadline.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from kubernetes import client
@@ -66,6 +66,16 @@ async def watching(
         yield watched
 
 
+async def expire_until(api: KubeAPIServer, relisted: Callable[[], bool]) -> None:
+    """Expire the watches (410) until the informer has listed again. One that is between two
+    watches at that moment resumes from the newest version and is not expired: expire again."""
+    for _ in range(20):
+        api.expire_watches()
+        if await api.wait_until_async(relisted, 1.0):
+            return
+    raise AssertionError("the informer did not list again after 20 expiries")
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("line", BAD_WATCH_LINES, ids=lambda line: line[:40].decode())
 async def test_a_malformed_watch_line_is_counted_and_followed_by_a_relist(
@@ -102,14 +112,9 @@ async def test_a_malformed_list_body_is_retried_and_replaces_nothing(
     async with watching(api_client, SourceHealth("kubernetes", errors.append)) as watched:
         await watched.mesh_when(lambda mesh: len(mesh) == 20)
         api.serve_list_bodies(SERVICES, body)
-        # 410: the informer lists again and gets the bad body first. An informer that is between
-        # two watches at that moment resumes from the newest version and is not expired: expire
-        # again until the bad body is read (and reported) before the change, else the change may
-        # come through an open watch before any relist.
-        for _ in range(20):
-            api.expire_watches()
-            if await api.wait_until_async(lambda: api.list_bodies_left(SERVICES) == 0, 1.0):
-                break
+        # The bad body read (and reported) before the change, else the change may come through
+        # an open watch before any relist.
+        await expire_until(api, lambda: api.list_bodies_left(SERVICES) == 0)
         assert await api.wait_until_async(lambda: bool(errors), timeout=10)
         assert api.list_bodies_left(SERVICES) == 0
         api.apply(SERVICES, service("s7", port=81))
@@ -126,7 +131,7 @@ async def test_a_source_that_keeps_failing_is_unready_and_keeps_serving(
     async with watching(api_client, health) as watched:
         await watched.mesh_when(lambda mesh: len(mesh) == 20)
         api.serve_list_bodies(SERVICES, *([b"[]"] * 10_000))
-        api.expire_watches()
+        await expire_until(api, lambda: api.list_bodies_left(SERVICES) < 10_000)
         assert await api.wait_until_async(lambda: bool(health.unready()), timeout=10)
         (why,) = health.unready()
         assert "services in all namespaces" in why and "not a ServiceList" in why
