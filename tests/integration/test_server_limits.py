@@ -151,9 +151,14 @@ async def test_connections_past_the_limit_are_closed_at_once() -> None:
         refused.close()
         for sock in held:
             sock.close()
-        # The slots are free again: a real client gets in.
+        # The slots are free again: a real client gets in (once the server has seen the two
+        # closes, which may take a moment on a busy machine: the call waits for its connection).
         ch = channel(port)
-        call = ads_call(ch)
+        call = ch.stream_stream(
+            ADS_METHOD,
+            request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+            response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+        )(wait_for_ready=True, timeout=DEADLINE_S)
         await call.write(discovery_pb2.DiscoveryRequest(type_url=CLUSTER))
         await asyncio.wait_for(call.read(), DEADLINE_S)
         call.cancel()
