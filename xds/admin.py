@@ -33,15 +33,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def make_app(
     cache: Cache,
     server: DiscoveryServer,
-    is_ready: Callable[[], bool],
+    readiness: Readiness,
     problems: Callable[[], list[Problem]],
     metrics: Metrics | None = None,
-    readiness: Readiness | None = None,
     debug_token: str | None = None,
 ) -> web.Application:
-    """`readiness`, when given, says whether the control plane is ready and why (or what it
-    serves degraded: still ready, with one line each); otherwise `is_ready` decides alone.
-    With `debug_token`, `/debug/*` answers only requests bearing it (401 otherwise)."""
+    """`readiness` says whether the control plane is ready and why not (or what it serves
+    degraded: still ready, with one line each). With `debug_token`, `/debug/*` answers only
+    requests bearing it (401 otherwise)."""
 
     async def syncz(_: web.Request) -> web.Response:
         return web.json_response(server.syncz())
@@ -78,38 +77,26 @@ def make_app(
 
     middlewares: list[Middleware] = [] if debug_token is None else [_bearer_for_debug(debug_token)]
     app = web.Application(middlewares=middlewares)
-    _add_health_routes(app, is_ready, metrics, readiness)
+    _add_health_routes(app, readiness, metrics)
     app.router.add_get("/debug/syncz", syncz)
     app.router.add_get("/debug/config_dump", config_dump)
     app.router.add_get("/debug/problems", problem_list)
     return app
 
 
-def make_health_app(
-    is_ready: Callable[[], bool],
-    metrics: Metrics | None = None,
-    readiness: Readiness | None = None,
-) -> web.Application:
+def make_health_app(readiness: Readiness, metrics: Metrics | None = None) -> web.Application:
     """Health, readiness and metrics, and nothing of what is served or who is connected."""
     app = web.Application()
-    _add_health_routes(app, is_ready, metrics, readiness)
+    _add_health_routes(app, readiness, metrics)
     return app
 
 
-def _add_health_routes(
-    app: web.Application,
-    is_ready: Callable[[], bool],
-    metrics: Metrics | None,
-    readiness: Readiness | None,
-) -> None:
+def _add_health_routes(app: web.Application, readiness: Readiness, metrics: Metrics | None) -> None:
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
     async def readyz(_: web.Request) -> web.Response:
-        if readiness is None:
-            ready, details = is_ready(), ["no snapshot published yet"]
-        else:
-            ready, details = readiness()
+        ready, details = readiness()
         if ready:
             return web.Response(text="".join(["ready\n", *(f"degraded: {d}\n" for d in details)]))
         return web.Response(status=503, text="".join(f"not ready: {d}\n" for d in details))

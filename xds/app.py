@@ -170,10 +170,9 @@ class ControlPlane:
                 app = make_app(
                     self.cache,
                     self.server,
-                    lambda: self.ready,
+                    self.readiness,
                     self.problems,
                     self.metrics,
-                    readiness=self.readiness,
                     debug_token=self.settings.admin_token,
                 )
                 self._admin, admin_port = await start_admin(
@@ -181,7 +180,7 @@ class ControlPlane:
                 )
             health_port = None
             if self.settings.health_port is not None:
-                health = make_health_app(lambda: self.ready, self.metrics, self.readiness)
+                health = make_health_app(self.readiness, self.metrics)
                 self._health, health_port = await start_admin(
                     health, self.settings.health_host, self.settings.health_port, what="health"
                 )
