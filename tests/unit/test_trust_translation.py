@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_translate import mesh
 from xds._pb.envoy.config.cluster.v3 import cluster_pb2
 from xds.bootstrap import bootstrap
 from xds.cache import Snapshot
@@ -20,7 +21,6 @@ from xds.model import (
     Endpoint,
     EndpointGroup,
     EndpointPort,
-    Mesh,
     Service,
     ServiceEntry,
     ServicePort,
@@ -72,10 +72,6 @@ def attacker(patch: object) -> ServiceEntry:
         service("attacker", "team-a", {CLUSTER_PATCH_ANNOTATION: text}),
         (slice_of("team-a", "10.1.0.1"),),
     )
-
-
-def mesh(*entries: ServiceEntry) -> Mesh:
-    return Mesh({e.service.key: e for e in entries})
 
 
 def cluster(out: Translation, name: str) -> cluster_pb2.Cluster:

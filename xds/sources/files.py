@@ -251,7 +251,7 @@ class ManifestSource:
         current = self._assembly.mesh
         handed = self._handed
         if current is not handed and current.parent != handed.generation and self._since:
-            # Updated more than once since the last hand-out (problems() or the catch-up applied
+            # Updated more than once since the last hand-out (reload() or the catch-up applied
             # a change first): one mesh derived from the handed one lets translation still look
             # at the changed keys only.
             current = handed.derive({key: current.get(key) for key in self._since})
