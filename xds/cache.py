@@ -155,53 +155,52 @@ class _Referrers:
         self.counts: dict[str, dict[str, int]] = {}
         for items in snapshot.resources.values():
             for resource in items.values():
-                self.add(resource.refs, 1)
+                for ref_type, ref_name in resource.refs:
+                    self._bump(ref_type, ref_name, 1)
 
-    def add(self, refs: tuple[tuple[str, str], ...], step: int) -> None:
-        for ref_type, ref_name in refs:
-            counts = self.counts.setdefault(ref_type, {})
-            count = counts.get(ref_name, 0) + step
-            if count:
-                counts[ref_name] = count
-            else:
-                del counts[ref_name]
+    def _bump(self, ref_type: str, ref_name: str, step: int) -> None:
+        counts = self.counts.setdefault(ref_type, {})
+        count = counts.get(ref_name, 0) + step
+        if count:
+            counts[ref_name] = count
+        else:
+            counts.pop(ref_name, None)
 
-    def apply(self, before: Snapshot, after: Snapshot, changes: Changes) -> None:
+    def apply(self, delta: Mapping[tuple[str, str], int]) -> None:
+        """Count in a published change (its `delta`)."""
+        for (ref_type, ref_name), step in delta.items():
+            self._bump(ref_type, ref_name, step)
+
+    def consistent(
+        self, after: Snapshot, changes: Changes, delta: Mapping[tuple[str, str], int]
+    ) -> bool:
+        """Whether `after`, which differs from this count's snapshot in `changes` only (making
+        `delta` to the counts), refers to nothing it lacks: the changed resources' references must
+        resolve, and a removed resource must be referred to by nothing once `delta` is counted."""
         for type_url, names in changes.items():
-            old, new = before.of_type(type_url), after.of_type(type_url)
-            for name in names:
-                if (resource := old.get(name)) is not None:
-                    self.add(resource.refs, -1)
-                if (resource := new.get(name)) is not None:
-                    self.add(resource.refs, 1)
-
-    def consistent(self, before: Snapshot, after: Snapshot, changes: Changes) -> bool:
-        """Whether `after`, which differs from `before` (this count's snapshot) in `changes` only,
-        refers to nothing it lacks: the changed resources' references must resolve, and a removed
-        resource must be referred to by nothing, counting the changed referrers as changed."""
-        removed: list[tuple[str, str]] = []
-        delta: dict[tuple[str, str], int] = {}
-        for type_url, names in changes.items():
-            old, new = before.of_type(type_url), after.of_type(type_url)
+            new = after.of_type(type_url)
             for name in names:
                 resource = new.get(name)
                 if resource is None:
-                    removed.append((type_url, name))
-                else:
-                    if any(
-                        ref_name not in after.of_type(ref_type)
-                        for ref_type, ref_name in resource.refs
-                    ):
+                    held = self.counts.get(type_url, {}).get(name, 0)
+                    if held + delta.get((type_url, name), 0) > 0:
                         return False
-                    for ref in resource.refs:
-                        delta[ref] = delta.get(ref, 0) + 1
-                if (held := old.get(name)) is not None:
-                    for ref in held.refs:
-                        delta[ref] = delta.get(ref, 0) - 1
-        for type_url, name in removed:
-            if self.counts.get(type_url, {}).get(name, 0) + delta.get((type_url, name), 0) > 0:
-                return False
+                elif any(ref not in after.of_type(url) for url, ref in resource.refs):
+                    return False
         return True
+
+
+def _ref_delta(before: Snapshot, after: Snapshot, changes: Changes) -> dict[tuple[str, str], int]:
+    """How a change moves the count of referrers of each (type, name) it touches."""
+    delta: dict[tuple[str, str], int] = {}
+    for type_url, names in changes.items():
+        old, new = before.of_type(type_url), after.of_type(type_url)
+        for name in names:
+            for resource, step in ((old.get(name), -1), (new.get(name), 1)):
+                if resource is not None:
+                    for ref in resource.refs:
+                        delta[ref] = delta.get(ref, 0) + step
+    return delta
 
 
 class Cache:
@@ -260,21 +259,23 @@ class Cache:
         (a `Translation` never does). Without it, everything is copied and compared.
         """
         previous = self._snapshot
+        names: dict[str, frozenset[str]] | None = None
+        delta: dict[tuple[str, str], int] | None = None
         if changes is not None and self._behind is not None:
             names = dict(self._behind)
             for type_url, given in changes.items():
                 names[type_url] = names.get(type_url, frozenset()) | given
             snapshot, differ = previous.derive(resources, names, trace_context)
-            consistent = self._referrers.consistent(previous, snapshot, differ)
+            delta = _ref_delta(previous, snapshot, differ)
+            consistent = self._referrers.consistent(snapshot, differ, delta)
         else:
             snapshot = Snapshot.build(resources, trace_context)
             differ = _changes(previous, snapshot)
-            names = None
             consistent = not snapshot.inconsistencies()
         if not consistent:
             self.refused += 1
             self._behind = names
-            missing = snapshot.inconsistencies()
+            missing = snapshot.inconsistencies()  # the refusal's reasons, by name
             log.error(
                 "snapshot refused, still serving the previous one: %s%s",
                 "; ".join(missing[:5]),
@@ -285,10 +286,10 @@ class Cache:
         if not differ and self.initialized.is_set():
             return True
         self._snapshot = snapshot
-        if names is None:
+        if delta is None:
             self._referrers = _Referrers(snapshot)
         else:
-            self._referrers.apply(previous, snapshot, differ)
+            self._referrers.apply(delta)
         self.published += 1
         self._changes.append((self.published, differ))
         changed, self._changed = self._changed, asyncio.Event()
