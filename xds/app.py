@@ -26,13 +26,15 @@ from xds.config import Settings
 from xds.metrics import Metrics
 from xds.model import Mesh, Problem
 from xds.resources import short_name
+from xds.scopes import scope_rule
 from xds.server.callbacks import CallbackList
 from xds.server.service import DiscoveryServer, ServerLimits, start_server
 from xds.server.tracing import TracingCallbacks
+from xds.server.views import Scoping
 from xds.sources.files import ManifestSource
 from xds.sources.health import SourceHealth
 from xds.tls import CertificateReloader, IdentityGate, ServerTLS, log_transport
-from xds.translate import Translation, Translator, for_api_type
+from xds.translate import Translation, Translator, for_api_type, for_scope
 
 if TYPE_CHECKING:
     from xds.sources.kube import KubeSource
@@ -96,6 +98,14 @@ class ControlPlane:
                 IdentityGate(settings.trust_domain) if settings.tls_client_ca is not None else None
             ),
             max_streams_per_peer=settings.max_streams_per_peer,
+            scoping=(
+                Scoping(
+                    scope_rule(settings.mesh_wide_namespaces),
+                    functools.partial(for_scope, settings=settings),
+                )
+                if settings.scoped
+                else None
+            ),
         )
         self.metrics.watch_state(self.server.subscriptions, self._snapshot_size)
         if self.certificates is not None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from xds.config import LB_POLICIES, Settings, parse_cidr
+from xds.config import LB_POLICIES, SCOPES, Settings, parse_cidr
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         tracing_cluster=args.tracing_cluster,
         protocol_detection_timeout_s=args.protocol_detection_timeout,
         cluster_patch_namespaces=tuple(args.allow_cluster_patch or ()),
+        scope=args.scope,
+        mesh_wide_namespaces=tuple(args.mesh_wide_namespace or ()),
         allowed_endpoint_ranges=tuple(args.allow_endpoints or ()),
     )
 
@@ -250,6 +252,20 @@ def _add_translation_options(parser: argparse.ArgumentParser, kubernetes: bool =
         metavar="NAMESPACE",
         help="let Services of this namespace use the xds.dev/cluster-patch annotation ('*': every "
         "namespace); repeatable (default: none)",
+    )
+    parser.add_argument(
+        "--scope",
+        choices=SCOPES,
+        default=Settings.scope,
+        help="what a client sees: 'mesh', every Service (default); 'namespace', the Services of "
+        "its node's namespace and those exported to it (annotation xds.dev/export-to)",
+    )
+    parser.add_argument(
+        "--mesh-wide-namespace",
+        action="append",
+        metavar="NAMESPACE",
+        help="with --scope namespace, clients of this namespace (node proxies) still see every "
+        "Service; repeatable",
     )
     parser.add_argument(
         "--allow-endpoints",

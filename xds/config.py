@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LB_POLICIES = ("RANDOM", "ROUND_ROBIN", "LEAST_REQUEST")
+SCOPES = ("mesh", "namespace")
 # The name generated bootstraps give the cluster that reaches the control plane.
 XDS_CLUSTER_NAME = "xds_cluster"
 # The name generated bootstraps give the cluster that reaches an OpenTelemetry collector.
@@ -75,6 +76,11 @@ class Settings:
     # cloud metadata service. These CIDRs re-allow such addresses (tests and the demo run their
     # backends on loopback), e.g. ("127.0.0.0/8",).
     allowed_endpoint_ranges: tuple[str, ...] = ()
+    # What each client sees (see xds.scopes): "mesh", everything (node proxies serve the whole
+    # mesh); or "namespace", the Services of its own namespace and those exported to it with the
+    # `xds.dev/export-to` annotation, except for clients in `mesh_wide_namespaces`.
+    scope: str = "mesh"
+    mesh_wide_namespaces: tuple[str, ...] = ()
     # Clients on per-type streams are told to fetch endpoints and routes through this cluster.
     xds_cluster_name: str = XDS_CLUSTER_NAME
 
@@ -83,6 +89,12 @@ class Settings:
     # without new events, but never longer than `debounce_max_s` after the first of them.
     debounce_quiet_s: float = 0.01
     debounce_max_s: float = 1.0
+
+    @property
+    def scoped(self) -> bool:
+        """Whether clients may see less than everything: translation then attaches the details
+        that scoped views are derived from (`xds.scopes`)."""
+        return self.scope != "mesh"
 
     def __post_init__(self) -> None:
         if self.admin_token is not None and not self.admin_token.strip():
@@ -109,6 +121,12 @@ class Settings:
             parse_cidr(cidr)
         if any(not namespace for namespace in self.cluster_patch_namespaces):
             raise ValueError("cluster_patch_namespaces: a namespace cannot be empty")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope {self.scope!r} is not one of {', '.join(SCOPES)}")
+        if self.mesh_wide_namespaces and self.scope == "mesh":
+            raise ValueError("mesh-wide namespaces (--mesh-wide-namespace) need --scope namespace")
+        if any(not namespace for namespace in self.mesh_wide_namespaces):
+            raise ValueError("mesh_wide_namespaces: a namespace cannot be empty")
         if self.debounce_quiet_s < 0 or self.debounce_max_s < self.debounce_quiet_s:
             raise ValueError("need 0 <= debounce_quiet_s <= debounce_max_s")
 

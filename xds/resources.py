@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
@@ -78,21 +78,39 @@ class Resource:
     # (type_url, name) of every resource this one needs to work: a cluster's endpoints, a listener's
     # routes. The cache refuses a snapshot in which one is missing.
     refs: tuple[tuple[str, str], ...] = ()
+    # What translation knows of the resource beyond its bytes, for views that derive a client's
+    # own form of it (`xds.translate.for_scope`); whatever it holds is folded into `version`
+    # (as `salt`), so a change to it alone is a change of the resource.
+    detail: object = field(default=None, compare=False)
 
     @classmethod
     def from_bytes(
-        cls, type_url: str, name: str, body: bytes, refs: tuple[tuple[str, str], ...] = ()
+        cls,
+        type_url: str,
+        name: str,
+        body: bytes,
+        refs: tuple[tuple[str, str], ...] = (),
+        detail: object = None,
+        salt: bytes = b"",
     ) -> Resource:
-        """For resources built elsewhere (any protobuf library): only their bytes are needed."""
+        """For resources built elsewhere (any protobuf library): only their bytes are needed.
+        `salt` stands for `detail` in the version: equal details must give equal salts."""
         any_bytes = encode_len_field(1, type_url.encode()) + encode_len_field(2, body)
-        return cls(type_url, name, content_hash(type_url, body), body, any_bytes, refs)
+        version = content_hash(type_url, body, salt) if salt else content_hash(type_url, body)
+        return cls(type_url, name, version, body, any_bytes, refs, detail)
 
     @classmethod
     def from_message(
-        cls, name: str, message: Message, refs: tuple[tuple[str, str], ...] = ()
+        cls,
+        name: str,
+        message: Message,
+        refs: tuple[tuple[str, str], ...] = (),
+        detail: object = None,
+        salt: bytes = b"",
     ) -> Resource:
         type_url = PREFIX + message.DESCRIPTOR.full_name
-        return cls.from_bytes(type_url, name, message.SerializeToString(deterministic=True), refs)
+        body = message.SerializeToString(deterministic=True)
+        return cls.from_bytes(type_url, name, body, refs, detail, salt)
 
     def to_any(self) -> any_pb2.Any:
         return any_pb2.Any(type_url=self.type_url, value=self.body)

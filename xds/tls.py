@@ -28,12 +28,15 @@ from typing import Any, cast
 import grpc
 
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
+from xds.scopes import (
+    NAMESPACE_KEY,
+    SERVICE_ACCOUNT_KEY,
+    metadata_text,
+    node_namespace,
+)
 
 log = logging.getLogger(__name__)
 
-# Istio's node metadata keys for the proxy's namespace and service account.
-NAMESPACE_KEY = "NAMESPACE"
-SERVICE_ACCOUNT_KEY = "SERVICE_ACCOUNT"
 # What a refusal's log line and status message quote of client-chosen text (node id, SANs).
 QUOTED = 200
 # Refusals logged per (certificate, node) pair are logged once; past this many pairs, every
@@ -263,24 +266,6 @@ def parse_spiffe(uri: str) -> Spiffe | None:
     return Spiffe(trust_domain, parts[1], parts[3])
 
 
-def node_namespace(node_id: str) -> str | None:
-    """The namespace a node id names: Istio's `<type>~<ip>~<pod>.<ns>~<ns>.svc.<domain>` gives
-    `<ns>`; otherwise `<name>.<ns>` gives the last label; a node id without a dot (`node-1`)
-    names none. (A namespace is a DNS label: it has no dot, a pod name may.)"""
-    parts = node_id.split("~")
-    if len(parts) == 4:
-        node_id = parts[2]
-    name, dot, namespace = node_id.rpartition(".")
-    if not dot or not name or not namespace:
-        return None
-    return namespace
-
-
-def _metadata_text(metadata: Mapping[str, Any] | None, key: str) -> str | None:
-    value = (metadata or {}).get(key)
-    return value if isinstance(value, str) and value else None
-
-
 def identity_allows(
     node_id: str,
     node_metadata: Mapping[str, Any] | None,
@@ -292,23 +277,31 @@ def identity_allows(
     A node is allowed when a DNS SAN of the certificate equals its node id (case aside), or when
     a SPIFFE ID `spiffe://<trust domain>/ns/<ns>/sa/<sa>` of the certificate is in the namespace
     the node claims (and of the service account it claims, if it claims one). The namespace is
-    the node metadata's `NAMESPACE` (Istio's key) or the one its node id names (`node_namespace`);
-    both given, they must agree. The service account is the metadata's `SERVICE_ACCOUNT`. A node
-    that names no namespace (`node-1`) needs the DNS SAN. With `trust_domain`, SPIFFE IDs of other
-    trust domains do not count.
+    `claimed_namespace`: the node metadata's `NAMESPACE` (Istio's key) or the one its node id
+    names; both given, they must agree. The service account is the metadata's `SERVICE_ACCOUNT`.
+    A node that names no namespace (`node-1`) needs the DNS SAN. A DNS SAN vouches for the node id
+    alone, so a namespace only the metadata names is refused with it: scoping (`xds.scopes`) trusts
+    the namespace a node claims once this check has passed. With `trust_domain`, SPIFFE IDs of
+    other trust domains do not count.
     """
     quoted = repr(node_id[:QUOTED])
     if not node_id:
         return "the first request carries no node id"
-    if any(name.lower() == node_id.lower() for name in peer.dns):
-        return None
     from_id = node_namespace(node_id)
-    from_metadata = _metadata_text(node_metadata, NAMESPACE_KEY)
+    from_metadata = metadata_text(node_metadata, NAMESPACE_KEY)
     if from_id is not None and from_metadata is not None and from_id != from_metadata:
         return (
             f"node {quoted} names namespace {from_id[:QUOTED]!r} but its metadata "
             f"{NAMESPACE_KEY} says {from_metadata[:QUOTED]!r}"
         )
+    if any(name.lower() == node_id.lower() for name in peer.dns):
+        if from_metadata is not None and from_id is None:
+            return (
+                f"the client certificate's DNS name vouches for node id {quoted} alone, not for "
+                f"the namespace {from_metadata[:QUOTED]!r} of its metadata {NAMESPACE_KEY}: name "
+                "it in the node id (<name>.<namespace>) or present a SPIFFE ID of the namespace"
+            )
+        return None
     namespace = from_metadata or from_id
     if namespace is None:
         return (
@@ -316,7 +309,7 @@ def identity_allows(
             f"and no DNS name of the client certificate equals it (the client presented "
             f"{peer.describe()})"
         )
-    service_account = _metadata_text(node_metadata, SERVICE_ACCOUNT_KEY)
+    service_account = metadata_text(node_metadata, SERVICE_ACCOUNT_KEY)
     for uri in peer.uris:
         spiffe = parse_spiffe(uri)
         if spiffe is None or spiffe.namespace != namespace:
@@ -360,15 +353,15 @@ class IdentityGate:
     def check(
         self,
         auth_context: Mapping[str, Iterable[bytes]],
-        request: bytes,
-        delta: bool,
+        node_id: str,
+        metadata: Mapping[str, Any],
         peer: str,
     ) -> str | None:
-        """None to serve the stream, else the reason to refuse it with PERMISSION_DENIED."""
+        """None to serve the stream, else the reason to refuse it with PERMISSION_DENIED. The node
+        is the stream's first request's (`first_node`)."""
         identity = peer_identity(auth_context)
         if identity is None:
             return None  # no client certificate: the server does not ask for one
-        node_id, metadata = first_node(request, delta)
         reason = identity_allows(node_id, metadata, identity, self.trust_domain)
         if reason is None:
             return None

@@ -73,16 +73,18 @@ serialized bytes.
 from __future__ import annotations
 
 import bisect
+import functools
 import ipaddress
 import itertools
 import json
+import operator
 import re
 import socket
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 from google.protobuf import any_pb2, duration_pb2, json_format, wrappers_pb2
 from google.protobuf.message import Message
@@ -137,6 +139,20 @@ from xds.resources import (
     Resource,
     encode_len_field,
     encode_varint,
+)
+from xds.scopes import (
+    EXPORT_TO_ANNOTATION,
+    MAX_EXPORT_TO_CHARS,
+    PRIVATE,
+    Exports,
+    PortScope,
+    RouteScope,
+    ServiceScope,
+    exports_text,
+    fingerprint,
+    parse_export_to,
+    salt_of,
+    visible,
 )
 
 ANNOTATION_PREFIX = "xds.dev/"
@@ -294,6 +310,8 @@ class ServiceOutput:
     # Every proxied port, for the listener of its port number.
     claims: tuple[PortClaim, ...] = ()
     problems: tuple[Problem, ...] = ()
+    # The namespaces besides its own the Service is exported to (`xds.scopes`).
+    exports: Exports = PRIVATE
 
 
 @dataclass(frozen=True)
@@ -478,9 +496,14 @@ class Translator:
         self._port_keys: dict[int, list[ServiceKey]] = {}
         self._port_claims: dict[int, dict[ServiceKey, tuple[PortClaim, ...]]] = {}
         self._port_hosts: dict[int, dict[ServiceKey, bytes]] = {}
-        # Per port number: the claims a listener was built from, the listener and its problems.
+        # With scoping: each Service's exports (when it has any), and per port number the
+        # fingerprint of each claimant's claims and exports, XORed into the listener's salt.
+        self._exports: dict[ServiceKey, Exports] = {}
+        self._port_prints: dict[int, dict[ServiceKey, int]] = {}
+        # Per port number: the claims (and salt) a listener was built from, the listener and its
+        # problems.
         self._listeners: dict[
-            int, tuple[tuple[PortClaim, ...], Resource | None, tuple[Problem, ...]]
+            int, tuple[tuple[tuple[PortClaim, ...], bytes], Resource | None, tuple[Problem, ...]]
         ] = {}
         self._resources: dict[str, dict[str, Resource]] = {
             CLUSTER: {},
@@ -620,25 +643,36 @@ class Translator:
             for resource in old:
                 if resource.name not in kept:
                     run.remove(type_url, resource.name)
-        if before.claims != after.claims:
+        # Under scoping, exports are part of what a port's listener and routes are built from.
+        exports_moved = self.settings.scoped and before.exports != after.exports
+        if after.exports:
+            self._exports[key] = after.exports
+        else:
+            self._exports.pop(key, None)
+        if before.claims != after.claims or exports_moved:
             old_claims = _by_port((c.port, c) for c in before.claims)
             new_claims = _by_port((c.port, c) for c in after.claims)
             for port in old_claims.keys() | new_claims.keys():
                 claims = new_claims.get(port)
-                if claims == old_claims.get(port):
+                if claims == old_claims.get(port) and not exports_moved:
                     continue
                 listener_ports.add(port)
                 by_key = self._port_claims.setdefault(port, {})
+                prints = self._port_prints.setdefault(port, {})
                 if claims is None:
                     del by_key[key]
+                    prints.pop(key, None)
                 else:
                     by_key[key] = claims
-        if before.virtual_hosts != after.virtual_hosts:
+                    if self.settings.scoped:
+                        text = f"{key}|{exports_text(after.exports)}|{claims!r}"
+                        prints[key] = fingerprint(text)
+        if before.virtual_hosts != after.virtual_hosts or exports_moved:
             old_hosts = _by_port(before.virtual_hosts)
             new_hosts = _by_port(after.virtual_hosts)
             for port in old_hosts.keys() | new_hosts.keys():
                 hosts = new_hosts.get(port)
-                if hosts == old_hosts.get(port):
+                if hosts == old_hosts.get(port) and not exports_moved:
                     continue
                 route_ports.add(port)
                 framed = self._port_hosts.setdefault(port, {})
@@ -666,13 +700,23 @@ class Translator:
         if not keys:
             self._port_keys.pop(port, None)
             self._port_claims.pop(port, None)
+            self._port_prints.pop(port, None)
             self._listeners.pop(port, None)
             run.remove(LISTENER, name)
             return bool(old_problems)
         self._port_keys[port] = keys
         claims = tuple(itertools.chain.from_iterable(map(by_key.__getitem__, keys)))
-        if cached is None or cached[0] != claims:
-            cached = (claims, *self._port_listener(port, claims))
+        detail: PortScope | None = None
+        salt = b""
+        if self.settings.scoped:
+            exports = self._exports
+            detail = PortScope(
+                port, tuple((key, exports.get(key, PRIVATE), by_key[key]) for key in keys)
+            )
+            salt = salt_of(_xor(self._port_prints.get(port, {}).values()))
+        if cached is None or cached[0] != (claims, salt):
+            built = port_listener(self.settings, port, claims, detail, salt)
+            cached = ((claims, salt), *built)
             self._listeners[port] = cached
         _, listener, problems = cached
         if listener is None:
@@ -700,7 +744,21 @@ class Translator:
         )
         # RouteConfiguration: name is field 1, virtual_hosts field 2 (repeated).
         body = encode_len_field(1, name.encode()) + b"".join(hosts)
-        run.put(Resource.from_bytes(ROUTE, name, body))
+        if not self.settings.scoped:
+            run.put(Resource.from_bytes(ROUTE, name, body))
+            return
+        exports = self._exports
+        entries = tuple(
+            (key, exports.get(key, PRIVATE), framed[key]) for key in keys if key in framed
+        )
+        salt = salt_of(
+            _xor(
+                fingerprint(f"{key}|{exports_text(exported)}")
+                for key, exported, _ in entries
+                if exported
+            )
+        )
+        run.put(Resource.from_bytes(ROUTE, name, body, detail=RouteScope(entries), salt=salt))
 
     def _collect_problems(self) -> tuple[Problem, ...]:
         """Every problem, in the order of a whole walk: ClusterIP conflicts (by the first
@@ -715,181 +773,18 @@ class Translator:
             problems.extend(self._listeners[port][2])
         return tuple(problems)
 
-    def _address(self, name: str, port: int, problems: list[Problem]) -> address_pb2.Address | None:
-        envoy_port = port + self.settings.listener_port_offset
-        if envoy_port > 65535:
-            problems.append(
-                error(
-                    f"Listener {name}",
-                    "",
-                    f"service port {port} + listener port offset "
-                    f"{self.settings.listener_port_offset} is above 65535; not served",
-                )
-            )
-            return None
-        return address_pb2.Address(
-            socket_address=address_pb2.SocketAddress(
-                address=self.settings.listener_address, port_value=envoy_port
-            )
-        )
-
-    def _port_listener(
-        self, port: int, claims: tuple[PortClaim, ...]
-    ) -> tuple[Resource | None, tuple[Problem, ...]]:
-        """The listener of one port number: a filter chain (or two) per way in, see the module
-        docstring for the rules. Claims come in namespace/name order, which makes it deterministic.
-        """
-        problems: list[Problem] = []
-        name = listener_name(port)
-        address = self._address(name, port, problems)
-        if address is None:
-            return None, tuple(problems)
-        http = [c for c in claims if c.protocol.kind.speaks_http]
-        raw = [c for c in claims if c.protocol.kind in (Kind.TCP, Kind.DETECT)]
-        tls = [c for c in claims if c.protocol.kind is Kind.TLS]
-        # Where bytes that are not HTTP go when nothing else selects a chain: a Service without a
-        # ClusterIP first, since nothing else could reach it (min() keeps the first of equals).
-        candidates = raw or ([] if http else tls)
-        fallback = min(candidates, key=lambda c: c.cluster_ip is not None) if candidates else None
-        detect = (bool(http) and fallback is not None) or any(
-            c.protocol.kind is Kind.DETECT for c in claims
-        )
-
-        manager = self._http_filter(port) if http else None
-        chains: list[listener_components_pb2.FilterChain] = []
-        targets: dict[str, None] = {}  # the clusters tcp_proxy forwards to, in order
-
-        def proxy(claim: PortClaim) -> listener_components_pb2.Filter:
-            targets[claim.cluster] = None
-            return _tcp_filter(claim)
-
-        by_address = False
-        for claim in raw + tls:
-            if claim is fallback:
-                continue
-            if claim.cluster_ip is None:
-                if claim.protocol.kind is not Kind.TLS:  # TLS has SNI to be told apart by
-                    problems.append(_unreachable(claim, fallback))
-                continue
-            by_address = True
-            prefix = _cidr(claim.cluster_ip)
-            if claim.protocol.kind is Kind.DETECT and manager is not None:
-                chains.append(
-                    _chain(
-                        manager,
-                        listener_components_pb2.FilterChainMatch(
-                            prefix_ranges=[prefix], application_protocols=DETECTED_HTTP
-                        ),
-                    )
-                )
-            chains.append(
-                _chain(
-                    proxy(claim),
-                    listener_components_pb2.FilterChainMatch(prefix_ranges=[prefix]),
-                )
-            )
-        for claim in tls:
-            chains.append(
-                _chain(
-                    proxy(claim),
-                    listener_components_pb2.FilterChainMatch(
-                        server_names=claim.server_names, transport_protocol="tls"
-                    ),
-                )
-            )
-        if manager is not None and fallback is not None:
-            chains.append(
-                _chain(
-                    manager,
-                    listener_components_pb2.FilterChainMatch(application_protocols=DETECTED_HTTP),
-                )
-            )
-            chains.append(_chain(proxy(fallback)))
-        elif manager is not None:
-            chains.append(_chain(manager))
-        elif fallback is not None:
-            chains.append(_chain(proxy(fallback)))
-
-        listener = listener_pb2.Listener(name=name, address=address, filter_chains=chains)
-        if by_address:
-            listener.listener_filters.append(
-                _listener_filter(
-                    "envoy.filters.listener.original_dst", original_dst_pb2.OriginalDst()
-                )
-            )
-        if tls:
-            listener.listener_filters.append(
-                _listener_filter(
-                    "envoy.filters.listener.tls_inspector", tls_inspector_pb2.TlsInspector()
-                )
-            )
-        if detect:
-            listener.listener_filters.append(
-                _listener_filter(
-                    "envoy.filters.listener.http_inspector", http_inspector_pb2.HttpInspector()
-                )
-            )
-        if tls or detect:
-            # Inspectors wait for the client's first bytes; a client that sends none (a
-            # server-first protocol) is let through to the default chain after this long.
-            listener.listener_filters_timeout.CopyFrom(
-                _duration(self.settings.protocol_detection_timeout_s)
-            )
-            listener.continue_on_listener_filters_timeout = True
-            problems.extend(
-                _waits_for_inspection(claim, self.settings.protocol_detection_timeout_s)
-                for claim in claims
-                if claim.protocol.server_first
-            )
-        refs = [(ROUTE, route_name(port))] if http else []
-        refs.extend((CLUSTER, cluster) for cluster in targets)
-        resource = Resource.from_message(name, listener, refs=tuple(refs))
-        return resource, tuple(problems)
-
-    def _http_filter(self, port: int) -> listener_components_pb2.Filter:
-        manager = hcm_pb2.HttpConnectionManager(
-            stat_prefix=f"http_{port}",
-            codec_type=hcm_pb2.HttpConnectionManager.AUTO,
-            rds=hcm_pb2.Rds(config_source=_ads_source(), route_config_name=route_name(port)),
-            http_filters=[
-                hcm_pb2.HttpFilter(
-                    name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())
-                )
-            ],
-            # WebSocket upgrades pass on every HTTP port, as in Istio: Kubernetes' `ws` and
-            # `wss` appProtocols, and undeclared ports, carry them.
-            upgrade_configs=[hcm_pb2.HttpConnectionManager.UpgradeConfig(upgrade_type="websocket")],
-        )
-        if self.settings.tracing_cluster:
-            manager.tracing.CopyFrom(self._tracing())
-        return listener_components_pb2.Filter(
-            name="envoy.filters.network.http_connection_manager", typed_config=_any(manager)
-        )
-
-    def _tracing(self) -> hcm_pb2.HttpConnectionManager.Tracing:
-        """Request spans to an OTLP collector through the Envoy cluster named in the settings
-        (the bootstrap defines it). Envoy propagates W3C trace context to the upstreams."""
-        provider = opentelemetry_pb2.OpenTelemetryConfig(
-            grpc_service=grpc_service_pb2.GrpcService(
-                envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
-                    cluster_name=self.settings.tracing_cluster or ""
-                ),
-                timeout=_duration(1.0),
-            ),
-            service_name=self.settings.tracing_service_name,
-        )
-        return hcm_pb2.HttpConnectionManager.Tracing(
-            provider=http_tracer_pb2.Tracing.Http(
-                name="envoy.tracers.opentelemetry", typed_config=_any(provider)
-            ),
-            random_sampling=percent_pb2.Percent(value=self.settings.tracing_sampling_percent),
-            spawn_upstream_span=wrappers_pb2.BoolValue(value=True),
-        )
-
     def _translate_service(self, entry: ServiceEntry, claims: _Claims) -> ServiceOutput:
         service = entry.service
         problems: list[Problem] = []
         options = self._cluster_options(service, problems)
+        exports = _annotation(
+            service,
+            EXPORT_TO_ANNOTATION,
+            _bounded(MAX_EXPORT_TO_CHARS, lambda value: parse_export_to(value, service.namespace)),
+            problems,
+            "visible to its own namespace only",
+        )
+        exports = exports if exports is not None else PRIVATE
         if service.type == "ExternalName":
             groups: tuple[EndpointGroup, ...] = ()
             external = self._external_target(service, problems)
@@ -916,6 +811,16 @@ class Translator:
             else:
                 clusters.append(self._eds_cluster(protocol, name, options))
                 assignments.append(self._assignment(service, groups, port, name, problems))
+            if self.settings.scoped:
+                # Whom these are visible to rides along, and moves their versions when it moves.
+                scope = ServiceScope(service.key, exports)
+                salt = exports_text(exports).encode() or b"."
+                for built in (clusters, assignments):
+                    if built and built[-1].name == name:
+                        old = built[-1]
+                        built[-1] = Resource.from_bytes(
+                            old.type_url, old.name, old.body, old.refs, scope, salt
+                        )
             port_claims.append(
                 PortClaim(
                     port.port,
@@ -945,6 +850,7 @@ class Translator:
             tuple(virtual_hosts),
             tuple(port_claims),
             tuple(problems),
+            exports,
         )
 
     def _cluster_options(self, service: Service, problems: list[Problem]) -> _ClusterOptions:
@@ -1163,6 +1069,183 @@ class Translator:
             ip = service.cluster_ip
             bases.append(f"[{ip}]" if ipaddress.ip_address(ip).version == 6 else ip)
         return [domain for base in bases for domain in (base, f"{base}:{port.port}")]
+
+
+def _address(
+    settings: Settings, name: str, port: int, problems: list[Problem]
+) -> address_pb2.Address | None:
+    envoy_port = port + settings.listener_port_offset
+    if envoy_port > 65535:
+        problems.append(
+            error(
+                f"Listener {name}",
+                "",
+                f"service port {port} + listener port offset "
+                f"{settings.listener_port_offset} is above 65535; not served",
+            )
+        )
+        return None
+    return address_pb2.Address(
+        socket_address=address_pb2.SocketAddress(
+            address=settings.listener_address, port_value=envoy_port
+        )
+    )
+
+
+def port_listener(
+    settings: Settings,
+    port: int,
+    claims: tuple[PortClaim, ...],
+    detail: PortScope | None = None,
+    salt: bytes = b"",
+) -> tuple[Resource | None, tuple[Problem, ...]]:
+    """The listener of one port number: a filter chain (or two) per way in, see the module
+    docstring for the rules. Claims come in namespace/name order, which makes it deterministic.
+    """
+    problems: list[Problem] = []
+    name = listener_name(port)
+    address = _address(settings, name, port, problems)
+    if address is None:
+        return None, tuple(problems)
+    http = [c for c in claims if c.protocol.kind.speaks_http]
+    raw = [c for c in claims if c.protocol.kind in (Kind.TCP, Kind.DETECT)]
+    tls = [c for c in claims if c.protocol.kind is Kind.TLS]
+    # Where bytes that are not HTTP go when nothing else selects a chain: a Service without a
+    # ClusterIP first, since nothing else could reach it (min() keeps the first of equals).
+    candidates = raw or ([] if http else tls)
+    fallback = min(candidates, key=lambda c: c.cluster_ip is not None) if candidates else None
+    detect = (bool(http) and fallback is not None) or any(
+        c.protocol.kind is Kind.DETECT for c in claims
+    )
+
+    manager = _http_filter(settings, port) if http else None
+    chains: list[listener_components_pb2.FilterChain] = []
+    targets: dict[str, None] = {}  # the clusters tcp_proxy forwards to, in order
+
+    def proxy(claim: PortClaim) -> listener_components_pb2.Filter:
+        targets[claim.cluster] = None
+        return _tcp_filter(claim)
+
+    by_address = False
+    for claim in raw + tls:
+        if claim is fallback:
+            continue
+        if claim.cluster_ip is None:
+            if claim.protocol.kind is not Kind.TLS:  # TLS has SNI to be told apart by
+                problems.append(_unreachable(claim, fallback))
+            continue
+        by_address = True
+        prefix = _cidr(claim.cluster_ip)
+        if claim.protocol.kind is Kind.DETECT and manager is not None:
+            chains.append(
+                _chain(
+                    manager,
+                    listener_components_pb2.FilterChainMatch(
+                        prefix_ranges=[prefix], application_protocols=DETECTED_HTTP
+                    ),
+                )
+            )
+        chains.append(
+            _chain(
+                proxy(claim),
+                listener_components_pb2.FilterChainMatch(prefix_ranges=[prefix]),
+            )
+        )
+    for claim in tls:
+        chains.append(
+            _chain(
+                proxy(claim),
+                listener_components_pb2.FilterChainMatch(
+                    server_names=claim.server_names, transport_protocol="tls"
+                ),
+            )
+        )
+    if manager is not None and fallback is not None:
+        chains.append(
+            _chain(
+                manager,
+                listener_components_pb2.FilterChainMatch(application_protocols=DETECTED_HTTP),
+            )
+        )
+        chains.append(_chain(proxy(fallback)))
+    elif manager is not None:
+        chains.append(_chain(manager))
+    elif fallback is not None:
+        chains.append(_chain(proxy(fallback)))
+
+    listener = listener_pb2.Listener(name=name, address=address, filter_chains=chains)
+    if by_address:
+        listener.listener_filters.append(
+            _listener_filter("envoy.filters.listener.original_dst", original_dst_pb2.OriginalDst())
+        )
+    if tls:
+        listener.listener_filters.append(
+            _listener_filter(
+                "envoy.filters.listener.tls_inspector", tls_inspector_pb2.TlsInspector()
+            )
+        )
+    if detect:
+        listener.listener_filters.append(
+            _listener_filter(
+                "envoy.filters.listener.http_inspector", http_inspector_pb2.HttpInspector()
+            )
+        )
+    if tls or detect:
+        # Inspectors wait for the client's first bytes; a client that sends none (a
+        # server-first protocol) is let through to the default chain after this long.
+        listener.listener_filters_timeout.CopyFrom(_duration(settings.protocol_detection_timeout_s))
+        listener.continue_on_listener_filters_timeout = True
+        problems.extend(
+            _waits_for_inspection(claim, settings.protocol_detection_timeout_s)
+            for claim in claims
+            if claim.protocol.server_first
+        )
+    refs = [(ROUTE, route_name(port))] if http else []
+    refs.extend((CLUSTER, cluster) for cluster in targets)
+    resource = Resource.from_message(name, listener, tuple(refs), detail, salt)
+    return resource, tuple(problems)
+
+
+def _http_filter(settings: Settings, port: int) -> listener_components_pb2.Filter:
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix=f"http_{port}",
+        codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        rds=hcm_pb2.Rds(config_source=_ads_source(), route_config_name=route_name(port)),
+        http_filters=[
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())
+            )
+        ],
+        # WebSocket upgrades pass on every HTTP port, as in Istio: Kubernetes' `ws` and
+        # `wss` appProtocols, and undeclared ports, carry them.
+        upgrade_configs=[hcm_pb2.HttpConnectionManager.UpgradeConfig(upgrade_type="websocket")],
+    )
+    if settings.tracing_cluster:
+        manager.tracing.CopyFrom(_tracing(settings))
+    return listener_components_pb2.Filter(
+        name="envoy.filters.network.http_connection_manager", typed_config=_any(manager)
+    )
+
+
+def _tracing(settings: Settings) -> hcm_pb2.HttpConnectionManager.Tracing:
+    """Request spans to an OTLP collector through the Envoy cluster named in the settings
+    (the bootstrap defines it). Envoy propagates W3C trace context to the upstreams."""
+    provider = opentelemetry_pb2.OpenTelemetryConfig(
+        grpc_service=grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(
+                cluster_name=settings.tracing_cluster or ""
+            ),
+            timeout=_duration(1.0),
+        ),
+        service_name=settings.tracing_service_name,
+    )
+    return hcm_pb2.HttpConnectionManager.Tracing(
+        provider=http_tracer_pb2.Tracing.Http(
+            name="envoy.tracers.opentelemetry", typed_config=_any(provider)
+        ),
+        random_sampling=percent_pb2.Percent(value=settings.tracing_sampling_percent),
+        spawn_upstream_span=wrappers_pb2.BoolValue(value=True),
+    )
 
 
 # Why an address is refused, by the kind of range it is in.
@@ -1589,6 +1672,44 @@ def for_api_type(resource: Resource, api_type: str, xds_cluster: str) -> Resourc
     return Resource.from_message(resource.name, message, refs=resource.refs)
 
 
+def for_scope(resource: Resource, namespace: str, settings: Settings) -> Resource | None:
+    """The resource as clients of `namespace` see it under namespace scoping (`xds.scopes`), or
+    None when nothing of it is visible to them: a Service's cluster and endpoints as they are; a
+    port's listener and route configuration rebuilt from the visible Services alone (the shared
+    resource itself when every Service on the port is visible). A resource without a scope detail
+    (translated without scoping) passes as it is."""
+    detail = resource.detail
+    if isinstance(detail, ServiceScope):
+        return resource if detail.visible_to(namespace) else None
+    if isinstance(detail, PortScope):
+        shown = [
+            cast(tuple[PortClaim, ...], claims)
+            for key, exports, claims in detail.entries
+            if visible(key, exports, namespace)
+        ]
+        if not shown:
+            return None
+        if len(shown) == len(detail.entries):
+            return resource
+        listener, _ = port_listener(settings, detail.port, tuple(itertools.chain(*shown)))
+        return listener
+    if isinstance(detail, RouteScope):
+        hosts = [
+            framed for key, exports, framed in detail.entries if visible(key, exports, namespace)
+        ]
+        if not hosts:
+            return None
+        if len(hosts) == len(detail.entries):
+            return resource
+        body = encode_len_field(1, resource.name.encode()) + b"".join(hosts)
+        return Resource.from_bytes(ROUTE, resource.name, body)
+    return resource
+
+
+def _xor(numbers: Iterable[int]) -> int:
+    return functools.reduce(operator.xor, numbers, 0)
+
+
 def translate(mesh: Mesh, settings: Settings) -> Translation:
     """One-shot translation (no memory of earlier runs)."""
     return Translator(settings).translate(mesh)
@@ -1625,6 +1746,7 @@ __all__ = [
     "Translator",
     "cluster_name",
     "decode",
+    "for_scope",
     "listener_name",
     "route_name",
     "to_json",

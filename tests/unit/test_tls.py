@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.config import Settings
 from xds.resources import CLUSTER
+from xds.scopes import node_namespace
 from xds.tls import (
     CertificateReloader,
     IdentityGate,
@@ -32,7 +33,6 @@ from xds.tls import (
     identity_allows,
     is_loopback,
     log_transport,
-    node_namespace,
     parse_spiffe,
     peer_identity,
     read_material,
@@ -193,6 +193,20 @@ def test_identity_allows_a_node_its_certificate_names(node_id, metadata, peer):
             PeerIdentity((SPIFFE_A,)),
             "but its metadata NAMESPACE says 'team-b'",
         ),
+        # A DNS SAN vouches for the node id, not for a namespace the metadata adds.
+        (
+            "node-1",
+            {"NAMESPACE": "team-a"},
+            PeerIdentity(dns=("node-1",)),
+            "vouches for node id 'node-1' alone",
+        ),
+        # ... nor for one that disagrees with the node id's.
+        (
+            "node-1.team-a",
+            {"NAMESPACE": "team-b"},
+            PeerIdentity(dns=("node-1.team-a",)),
+            "but its metadata NAMESPACE says 'team-b'",
+        ),
         # No namespace, no DNS SAN equal to the node id.
         ("node-1", None, PeerIdentity((SPIFFE_A,), ("node-2",)), "names no namespace"),
         # Not a SPIFFE workload ID: wrong scheme, path, empty parts.
@@ -272,16 +286,14 @@ def test_first_node_reads_id_and_istio_metadata_of_either_variant():
 
 def test_identity_gate_skips_streams_without_a_client_certificate_and_logs_a_pair_once(caplog):
     gate = IdentityGate()
-    request = discovery_pb2.DiscoveryRequest(node={"id": "x.team-b"}).SerializeToString()
-    assert gate.check({"transport_security_type": [b"insecure"]}, request, False, "p") is None
+    assert gate.check({"transport_security_type": [b"insecure"]}, "x.team-b", {}, "p") is None
     context = {"x509_pem_cert": [b"pem"], "peer_uri": [SPIFFE_A.encode()]}
     with caplog.at_level(logging.WARNING, logger="xds.tls"):
         for _ in range(3):
-            assert "claims namespace 'team-b'" in (gate.check(context, request, False, "p") or "")
+            assert "claims namespace 'team-b'" in (gate.check(context, "x.team-b", {}, "p") or "")
     assert gate.refused == 3
     assert len([r for r in caplog.records if "refused" in r.message]) == 1
-    allowed = discovery_pb2.DiscoveryRequest(node={"id": "x.team-a"}).SerializeToString()
-    assert gate.check(context, allowed, False, "p") is None
+    assert gate.check(context, "x.team-a", {}, "p") is None
 
 
 # Credentials.

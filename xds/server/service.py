@@ -12,6 +12,7 @@ import itertools
 import logging
 import resource
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -19,15 +20,15 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from xds.cache import Cache, Snapshot
-from xds.resources import ADS_ORDER, CLUSTER, ENDPOINT, LISTENER, ROUTE
+from xds.resources import ADS_ORDER, CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource
 from xds.server.callbacks import Callbacks
 from xds.server.delta import DeltaResponse, DeltaStream
 from xds.server.index import SubscriptionIndex
 from xds.server.sotw import Response, SotwStream
 from xds.server.stream import MAX_NODE_FIELD, InvalidRequest, StreamBase, StreamStatus
 from xds.server.tracing import TracingCallbacks
-from xds.server.views import PerTypeViews, Rewrite, SnapshotView
-from xds.tls import IdentityGate
+from xds.server.views import MESH_WIDE_ADS, Scoping, SnapshotView, Variant, Views
+from xds.tls import IdentityGate, first_node
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +96,10 @@ class DiscoveryServer:
     def __init__(
         self,
         cache: Cache,
-        per_type_rewrite: Rewrite | None = None,
+        per_type_rewrite: Callable[[Resource, str], Resource] | None = None,
         callbacks: Callbacks | None = None,
         *,
+        scoping: Scoping | None = None,
         max_node_field: int = MAX_NODE_FIELD,
         max_streams_per_peer: int | None = None,
         identity: IdentityGate | None = None,
@@ -114,10 +116,16 @@ class DiscoveryServer:
         self._per_peer: Counter[str] = Counter()
         # Told of every stream, push and reply: metrics and tracing (tracing alone by default).
         self.callbacks = callbacks if callbacks is not None else TracingCallbacks()
-        # Clients on per-type streams need clusters and listeners rewritten (see `views`).
+        # Clients on per-type streams need clusters and listeners rewritten, and scoped clients
+        # see only their scope (see `views`): each variant's view is shared by its clients.
+        self.scoping = scoping
+        self._per_type_rewrite = per_type_rewrite
         self._views = (
-            PerTypeViews(per_type_rewrite, cache.changes_since) if per_type_rewrite else None
+            Views(self._rewrite, cache.changes_since)
+            if per_type_rewrite is not None or scoping is not None
+            else None
         )
+        self._variant_streams: Counter[Variant] = Counter()
         # Either variant: /debug/syncz and the subscription count read only what both have.
         self.streams: dict[int, StreamBase[Any, Any, Any]] = {}
         self._ids = itertools.count(1)
@@ -127,6 +135,15 @@ class DiscoveryServer:
         self._dispatcher: asyncio.Task[None] | None = None
         self.wakeups = 0  # streams woken by publishes: a measure of the work a publish causes
         self._first_configurations = asyncio.Semaphore(FIRST_CONFIGURATIONS_AT_ONCE)
+
+    def _rewrite(self, resource: Resource, variant: Variant) -> Resource | None:
+        """A resource as the clients of a variant see it: scoped first, then for their API."""
+        shown: Resource | None = resource
+        if variant.scope is not None and self.scoping is not None:
+            shown = self.scoping.rewrite(resource, variant.scope)
+        if shown is not None and variant.api_type is not None and self._per_type_rewrite:
+            shown = self._per_type_rewrite(shown, variant.api_type)
+        return shown
 
     async def _dispatch(self) -> None:
         """Wakes, after each publish, only the streams subscribed to a name it changed (looked up
@@ -228,12 +245,16 @@ class DiscoveryServer:
         self.streams[stream_id] = stream
         self.callbacks.stream_opened(stream_id, stream)
 
+        # Known once the first request has named the node: its scope completes the variant.
+        variant = Variant(api_type)
+        counted = False  # whether `variant` counts this stream among its clients
+
         def current() -> tuple[Snapshot | SnapshotView, int]:
             # The snapshot and its serial, read together: no await in between.
             snapshot, serial = self.cache.snapshot, self.cache.published
-            if api_type is None or self._views is None:
+            if variant == MESH_WIDE_ADS or self._views is None:
                 return snapshot, serial
-            return self._views.view(snapshot, api_type, serial), serial
+            return self._views.view(snapshot, variant, serial), serial
 
         seen = current()[1]  # the serial of the last publish this stream has noted
         waker = self._wakers[stream_id] = asyncio.Event()
@@ -269,6 +290,7 @@ class DiscoveryServer:
                     await context.write(data)
 
         async def read() -> None:
+            nonlocal variant, counted
             first = True
             while True:
                 # Typed as the request, but the end of the client's half comes as EOF.
@@ -276,17 +298,24 @@ class DiscoveryServer:
                 if request is grpc.aio.EOF:
                     return
                 try:
-                    if first and self.identity is not None:
+                    if first and (self.identity is not None or self.scoping is not None):
                         # The first request carries the node (Envoy sends it only then): nothing
-                        # is answered before the node is known to be the certificate's.
-                        refusal = self.identity.check(
-                            context.auth_context(),
-                            cast(bytes, request),
-                            isinstance(stream, DeltaStream),
-                            stream.peer,
+                        # is answered before the node is known to be the certificate's, and its
+                        # scope is known.
+                        node_id, metadata = first_node(
+                            cast(bytes, request), isinstance(stream, DeltaStream)
                         )
-                        if refusal is not None:
-                            await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+                        if self.identity is not None:
+                            refusal = self.identity.check(
+                                context.auth_context(), node_id, metadata, stream.peer
+                            )
+                            if refusal is not None:
+                                await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+                        if self.scoping is not None:
+                            stream.scope = self.scoping.scope_of(node_id, metadata)
+                            variant = Variant(api_type, stream.scope)
+                            self._variant_streams[variant] += 1
+                            counted = True
                     first = False
                     if _settled(stream):
                         await look(cast(bytes, request))
@@ -324,6 +353,12 @@ class DiscoveryServer:
                     await task
             del self.streams[stream_id]
             del self._wakers[stream_id]
+            if counted:
+                self._variant_streams[variant] -= 1
+                if not self._variant_streams[variant]:
+                    del self._variant_streams[variant]
+                    if self._views is not None:
+                        self._views.release(variant)
             self._index.remove(stream_id, list(stream.types))
             if not self._wakers and self._dispatcher is not None:
                 # Nobody left to wake: no task outlives the last stream (or the event loop).

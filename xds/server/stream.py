@@ -120,6 +120,8 @@ class StreamStatus(TypedDict):
     node_id: str
     node_cluster: str
     peer: str
+    # The namespace whose view the client gets ("" when it names none); None: the whole mesh.
+    scope: str | None
     connected_at: float  # unix time
     types: dict[str, TypeStatus]
 
@@ -326,6 +328,7 @@ class StreamBase(Generic[S, Q, R]):
         self.allowed_types = types
         self.node_id = ""
         self.node_cluster = ""
+        self.scope: str | None = None  # set by the server from the first request's node
         self._max_node_field = max_node_field
         self.types: dict[str, S] = {}
         self._nonces = itertools.count(1)
@@ -540,6 +543,7 @@ class StreamBase(Generic[S, Q, R]):
             "node_id": self.node_id,
             "node_cluster": self.node_cluster,
             "peer": self.peer,
+            "scope": self.scope,
             "connected_at": self.opened_at,
             "types": {short_name(url): _describe(s) for url, s in self.types.items()},
         }

@@ -1,10 +1,17 @@
-"""What clients without ADS see: Clusters and Listeners whose EDS and RDS sources name the server.
+"""What a client sees when it must not see the shared snapshot as it is: its view, derived from
+the snapshot resource by resource and shared by every client of the same variant.
 
-Translation writes `ads {}` as the config source of every cluster's endpoints and every listener's
-routes, which is right for ADS clients. A client on per-type streams needs instead an
-`api_config_source` of its own API type (GRPC or DELTA_GRPC). Envoy does not implement the `self`
-config source that would say "the same server", so those two types are rewritten for such clients:
-lazily, only once a per-type client asks, and only for resources that changed since the last view.
+Two things make a variant (`Variant`):
+- Clients without ADS (per-type streams): translation writes `ads {}` as the config source of
+  every cluster's endpoints and every listener's routes, which is right for ADS clients. A client
+  on per-type streams needs instead an `api_config_source` of its own API type (GRPC or
+  DELTA_GRPC). Envoy does not implement the `self` config source that would say "the same
+  server", so clusters and listeners are rewritten for such clients.
+- Scoped clients (`xds.scopes`): every type is filtered to what the client's namespace may see,
+  and listeners and route configurations are rebuilt from the visible Services.
+
+Views are derived lazily, once a client of the variant asks, and only for the resources that
+changed since the variant's last view; a resource left as it is keeps its shared bytes.
 """
 
 from __future__ import annotations
@@ -12,12 +19,38 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any, NamedTuple
 
 from xds.cache import Changes, Snapshot
-from xds.resources import CLUSTER, LISTENER, Resource, format_version, version_share
+from xds.resources import ADS_ORDER, CLUSTER, LISTENER, Resource, format_version, version_share
 
-Rewrite = Callable[[Resource, str], Resource]
-REWRITTEN_TYPES = (CLUSTER, LISTENER)
+
+class Variant(NamedTuple):
+    """How a client's view differs from the snapshot: its per-type API type (GRPC, DELTA_GRPC;
+    None for ADS) and its scope (a namespace, "" for none named; None for mesh-wide)."""
+
+    api_type: str | None = None
+    scope: str | None = None
+
+    @property
+    def rewritten_types(self) -> tuple[str, ...]:
+        if self.scope is not None:
+            return ADS_ORDER
+        return (CLUSTER, LISTENER) if self.api_type is not None else ()
+
+
+# A resource as a variant's clients see it; None when they do not see it at all.
+Rewrite = Callable[[Resource, Variant], Resource | None]
+MESH_WIDE_ADS = Variant()
+
+
+@dataclass(frozen=True)
+class Scoping:
+    """How clients are scoped (`xds.scopes`): the scope of a node, from its id and metadata (None:
+    the whole mesh), and a resource as a scope sees it (None: not at all)."""
+
+    scope_of: Callable[[str, Mapping[str, Any]], str | None]
+    rewrite: Callable[[Resource, str], Resource | None]
 
 
 class SnapshotView:
@@ -28,10 +61,12 @@ class SnapshotView:
         snapshot: Snapshot,
         serial: int | None,
         derive: Callable[[str], tuple[Mapping[str, Resource], str]],
+        rewritten_types: tuple[str, ...],
     ) -> None:
         self.snapshot = snapshot
         self.serial = serial
         self._derive = derive
+        self._rewritten = rewritten_types
         self._types: dict[str, tuple[Mapping[str, Resource], str]] = {}
 
     def _derived(self, type_url: str) -> tuple[Mapping[str, Resource], str]:
@@ -44,28 +79,28 @@ class SnapshotView:
         return self.snapshot.trace_context
 
     def of_type(self, type_url: str) -> Mapping[str, Resource]:
-        if type_url not in REWRITTEN_TYPES:
+        if type_url not in self._rewritten:
             return self.snapshot.of_type(type_url)
         return self._derived(type_url)[0]
 
     def version(self, type_url: str) -> str:
-        if type_url not in REWRITTEN_TYPES:
+        if type_url not in self._rewritten:
             return self.snapshot.version(type_url)
         return self._derived(type_url)[1]
 
 
 @dataclass
 class _Derived:
-    """One API type's rewritten resources of one type, as of one snapshot."""
+    """One variant's view of one type, as of one snapshot."""
 
     serial: int | None
-    originals: dict[str, str]  # name -> version of the resource rewritten
-    items: dict[str, Resource]  # name -> rewritten
-    digest: int  # XOR of the rewritten resources' version shares
+    originals: dict[str, str]  # name -> version of the resource looked at (shown or not)
+    items: dict[str, Resource]  # name -> the resource as shown
+    digest: int  # XOR of the shown resources' version shares
 
 
-class PerTypeViews:
-    """Builds and remembers the views of each API type. A new snapshot's view rewrites only the
+class Views:
+    """Builds and remembers the views of each variant. A new snapshot's view rewrites only the
     resources its publishes changed (from `changes_since`, when the serials are known), or else
     those whose version differs."""
 
@@ -74,24 +109,31 @@ class PerTypeViews:
     ) -> None:
         self._rewrite = rewrite
         self._changes_since = changes_since
-        self._views: dict[str, SnapshotView] = {}
-        self._derived: dict[tuple[str, str], _Derived] = {}
+        self._views: dict[Variant, SnapshotView] = {}
+        self._derived: dict[tuple[Variant, str], _Derived] = {}
 
-    def view(self, snapshot: Snapshot, api_type: str, serial: int | None = None) -> SnapshotView:
-        current = self._views.get(api_type)
+    def view(self, snapshot: Snapshot, variant: Variant, serial: int | None = None) -> SnapshotView:
+        current = self._views.get(variant)
         if current is None or current.snapshot is not snapshot:
-            current = self._views[api_type] = SnapshotView(
+            current = self._views[variant] = SnapshotView(
                 snapshot,
                 serial,
-                lambda type_url: self._derive(snapshot, serial, api_type, type_url),
+                lambda type_url: self._derive(snapshot, serial, variant, type_url),
+                variant.rewritten_types,
             )
         return current
 
+    def release(self, variant: Variant) -> None:
+        """Forget a variant no client uses any more (its next client derives it afresh)."""
+        self._views.pop(variant, None)
+        for type_url in variant.rewritten_types:
+            self._derived.pop((variant, type_url), None)
+
     def _derive(
-        self, snapshot: Snapshot, serial: int | None, api_type: str, type_url: str
+        self, snapshot: Snapshot, serial: int | None, variant: Variant, type_url: str
     ) -> tuple[Mapping[str, Resource], str]:
         available = snapshot.of_type(type_url)
-        previous = self._derived.get((api_type, type_url))
+        previous = self._derived.get((variant, type_url))
         names: Iterable[str] = available.keys() | (previous.originals if previous else {}).keys()
         if previous is not None and serial is not None and previous.serial is not None:
             changes = self._changes_since(previous.serial) if self._changes_since else None
@@ -110,10 +152,12 @@ class PerTypeViews:
             derived.originals.pop(name, None)
             if old is not None:
                 derived.digest ^= version_share(name, old.version)
-            if resource is not None:
-                rewritten = self._rewrite(resource, api_type)
-                derived.originals[name] = resource.version
-                derived.items[name] = rewritten
-                derived.digest ^= version_share(name, rewritten.version)
-        self._derived[(api_type, type_url)] = derived
+            if resource is None:
+                continue
+            derived.originals[name] = resource.version
+            shown = self._rewrite(resource, variant)
+            if shown is not None:
+                derived.items[name] = shown
+                derived.digest ^= version_share(name, shown.version)
+        self._derived[(variant, type_url)] = derived
         return MappingProxyType(derived.items), format_version(derived.digest)

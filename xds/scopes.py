@@ -1,0 +1,143 @@
+"""Who may see a Service: its exports, and the details translation attaches to resources so that a
+client's scoped view can be derived from the shared snapshot (`xds.translate.for_scope`).
+
+Scoping (`Settings.scope = "namespace"`) gives each client the Services of its own namespace and
+those exported to it; a client in `Settings.mesh_wide_namespaces` (node proxies) sees everything,
+as every client does under the default `mesh` scope. A Service exports itself with the annotation
+`xds.dev/export-to`: a comma-separated list of namespaces, `*` for every namespace, `.` for its own
+(the default: a Service is private to its namespace). This is Istio's `exportTo` with the opposite
+default, because under namespace scoping the point is that nothing leaks unless it is said.
+
+The namespace of a client is the one its node claims (`xds.tls.claimed_namespace`); under mTLS
+the node identity check has made that claim the client certificate's, otherwise it is the client's
+word. A client that names no namespace sees only what is exported to `*`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from xds.model import ServiceKey
+
+EXPORT_TO_ANNOTATION = "xds.dev/export-to"
+# Istio's node metadata keys for the proxy's namespace and service account.
+NAMESPACE_KEY = "NAMESPACE"
+SERVICE_ACCOUNT_KEY = "SERVICE_ACCOUNT"
+EVERY_NAMESPACE = "*"
+# A list of namespaces is bounded like any tenant-written value: 64 namespaces of 16 characters.
+MAX_EXPORT_TO_CHARS = 1024
+_NAMESPACE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+Exports = frozenset[str]
+PRIVATE: Exports = frozenset()
+
+
+def parse_export_to(value: str, own_namespace: str) -> Exports:
+    """The namespaces (besides its own) a Service's `xds.dev/export-to` exports it to; raises
+    ValueError naming the first entry that is not `*`, `.` or a namespace name."""
+    exports: set[str] = set()
+    for raw in value.split(","):
+        entry = raw.strip()
+        if entry == ".":
+            continue
+        if entry != EVERY_NAMESPACE and not _NAMESPACE.fullmatch(entry):
+            shown = repr(entry) if len(entry) <= 40 else repr(entry[:40]) + "..."
+            raise ValueError(
+                f"{shown} is not a namespace name, '.' (its own namespace) or '*' (every namespace)"
+            )
+        if entry != own_namespace:
+            exports.add(entry)
+    return frozenset(exports)
+
+
+def visible(key: ServiceKey, exports: Exports, namespace: str) -> bool:
+    """Whether the Service `key`, exported to `exports`, is visible to clients of `namespace`
+    ("" for a client that names none)."""
+    return key.namespace == namespace or EVERY_NAMESPACE in exports or namespace in exports
+
+
+def node_namespace(node_id: str) -> str | None:
+    """The namespace a node id names: Istio's `<type>~<ip>~<pod>.<ns>~<ns>.svc.<domain>` gives
+    `<ns>`; otherwise `<name>.<ns>` gives the last label; a node id without a dot (`node-1`)
+    names none. (A namespace is a DNS label: it has no dot, a pod name may.)"""
+    parts = node_id.split("~")
+    if len(parts) == 4:
+        node_id = parts[2]
+    name, dot, namespace = node_id.rpartition(".")
+    if not dot or not name or not namespace:
+        return None
+    return namespace
+
+
+def claimed_namespace(node_id: str, node_metadata: Mapping[str, Any] | None) -> str | None:
+    """The namespace a node claims: its metadata's `NAMESPACE`, else the one its node id names;
+    None when it names none, or when the two disagree."""
+    from_id = node_namespace(node_id)
+    from_metadata = metadata_text(node_metadata, NAMESPACE_KEY)
+    if from_id is not None and from_metadata is not None and from_id != from_metadata:
+        return None
+    return from_metadata or from_id
+
+
+def metadata_text(metadata: Mapping[str, Any] | None, key: str) -> str | None:
+    value = (metadata or {}).get(key)
+    return value if isinstance(value, str) and value else None
+
+
+def scope_rule(
+    mesh_wide_namespaces: Iterable[str],
+) -> Callable[[str, Mapping[str, Any]], str | None]:
+    """The scope of a node under namespace scoping: the namespace it claims ("" for none), or
+    None (the whole mesh) when that namespace is one of `mesh_wide_namespaces`."""
+    mesh_wide = frozenset(mesh_wide_namespaces)
+
+    def scope_of(node_id: str, metadata: Mapping[str, Any]) -> str | None:
+        namespace = claimed_namespace(node_id, metadata) or ""
+        return None if namespace in mesh_wide else namespace
+
+    return scope_of
+
+
+def exports_text(exports: Exports) -> str:
+    return ",".join(sorted(exports))
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceScope:
+    """The detail of a Service's cluster and its ClusterLoadAssignment."""
+
+    key: ServiceKey
+    exports: Exports
+
+    def visible_to(self, namespace: str) -> bool:
+        return visible(self.key, self.exports, namespace)
+
+
+@dataclass(frozen=True, slots=True)
+class PortScope:
+    """The detail of a port's listener: each claimant Service (in key order) with its exports and
+    its claims (`xds.translate.PortClaim`), from which a scope's listener is rebuilt."""
+
+    port: int
+    entries: tuple[tuple[ServiceKey, Exports, tuple[object, ...]], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteScope:
+    """The detail of a port's route configuration: each Service with virtual hosts on the port (in
+    key order), with its exports and its virtual hosts, framed as RouteConfiguration fields."""
+
+    entries: tuple[tuple[ServiceKey, Exports, bytes], ...]
+
+
+def fingerprint(text: str) -> int:
+    """A stable 128-bit number for a detail's text, combined with XOR into a salt."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=16).digest(), "big")
+
+
+def salt_of(print_xor: int) -> bytes:
+    return print_xor.to_bytes(16, "big")
