@@ -4,6 +4,7 @@ and a server certificate renewed on disk while a stream stays open."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import ssl
@@ -18,14 +19,20 @@ from cryptography.hazmat.primitives import serialization
 
 from tests.integration.conftest import LOOPBACK, endpoint_slice, service, write_manifests
 from tests.integration.test_grpc_stream import ads_call, resources
+from tests.unit.test_scopes import SCOPED, the_mesh
 from tests.unit.test_tls import Authority, Pair, replace
+from xds._pb.envoy.config.cluster.v3 import cluster_pb2
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.app import ControlPlane
 from xds.cache import Cache
 from xds.config import Settings
 from xds.resources import CLUSTER
+from xds.scopes import scope_rule
 from xds.server.service import DiscoveryServer, start_server
+from xds.server.stream import SHARED
+from xds.server.views import Scoping
 from xds.tls import CertificateReloader, IdentityGate, ServerTLS
+from xds.translate import for_scope, translate
 
 DELTA_ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 SPIFFE_A = "spiffe://cluster.local/ns/team-a/sa/envoy"
@@ -239,3 +246,58 @@ async def test_missing_tls_files_stop_the_start_with_their_name(tmp_path: Path):
     )
     with pytest.raises(FileNotFoundError, match="no.crt"):
         ControlPlane(settings)
+
+
+async def test_under_mtls_a_client_sees_the_scope_its_certificate_proves(tmp_path: Path):
+    """Namespace scoping trusts the namespace only once the certificate has proved it: a team-a
+    certificate gets team-a's view, shared byte for byte with every team-a client, and cannot
+    claim a mesh-wide namespace; a node proxy's certificate gets everything."""
+    authority = Authority()
+    server_tls = authority.issue("localhost", "127.0.0.1", name="xds").write(tmp_path)
+    replace(tmp_path / "ca.crt", authority.pem)
+    tls = ServerTLS(server_tls.cert, server_tls.key, tmp_path / "ca.crt")
+    settings = Settings(scope="namespace", mesh_wide_namespaces=("xds-system",))
+    cache = Cache()
+    cache.publish(translate(the_mesh(), SCOPED).resources)
+    server = DiscoveryServer(
+        cache,
+        identity=IdentityGate(),
+        scoping=Scoping(
+            scope_rule(settings.mesh_wide_namespaces),
+            functools.partial(for_scope, settings=SCOPED),
+        ),
+    )
+    grpc_server, port = await start_server(
+        server, "127.0.0.1", 0, credentials=CertificateReloader(tls).credentials()
+    )
+    served = Served(cache, server, port, authority, tls)
+    try:
+        built = SHARED.built
+        bodies = []
+        for node_id in ("envoy-1.team-a", "envoy-2.team-a"):
+            async with served.channel(authority.issue(SPIFFE_A)) as channel:
+                response = await first_response(channel, node_id)
+            assert sorted(decode_name(r.value) for r in response.resources) == [
+                "team-a/db:tcp-db",
+                "team-a/web:http",
+                "team-c/api:http",
+                "team-c/shared:http",
+            ]
+            response.nonce = ""
+            bodies.append(response.SerializeToString())
+        assert bodies[0] == bodies[1] and SHARED.built == built + 1  # one encoding for both
+        # A team-a certificate claiming the mesh-wide namespace is refused, not widened.
+        async with served.channel(authority.issue(SPIFFE_A)) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await first_response(channel, "envoy-1.xds-system")
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        node_proxy = authority.issue("spiffe://cluster.local/ns/xds-system/sa/node-proxy")
+        async with served.channel(node_proxy) as channel:
+            response = await first_response(channel, "node-1.xds-system")
+        assert len(response.resources) == len(cache.snapshot.of_type(CLUSTER)) == 6
+    finally:
+        await grpc_server.stop(None)
+
+
+def decode_name(body: bytes) -> str:
+    return cluster_pb2.Cluster.FromString(body).name
