@@ -15,13 +15,17 @@ word. A client that names no namespace sees only what is exported to `*`.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
+from xds.cache import Changes, Snapshot
 from xds.model import ServiceKey
+from xds.resources import CLUSTER, ENDPOINT, Resource
 
 EXPORT_TO_ANNOTATION = "xds.dev/export-to"
 # Istio's node metadata keys for the proxy's namespace and service account.
@@ -32,6 +36,7 @@ EVERY_NAMESPACE = "*"
 MAX_EXPORT_TO_CHARS = 1024
 _NAMESPACE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
+T = TypeVar("T")
 Exports = frozenset[str]
 PRIVATE: Exports = frozenset()
 
@@ -117,21 +122,63 @@ class ServiceScope:
         return visible(self.key, self.exports, namespace)
 
 
+class Contributions(Generic[T]):
+    """What each Service contributes to a resource shared by several namespaces, found by a scope
+    in the time of what it sees: a namespace's Services are a run of the sorted keys, and the few
+    exported ones are located once. Built from what translation already holds, without a loop in
+    Python over the Services."""
+
+    __slots__ = ("keys", "values", "exported", "_everywhere", "_to")
+
+    def __init__(
+        self,
+        keys: tuple[ServiceKey, ...],
+        values: tuple[T, ...],
+        exported: Mapping[ServiceKey, Exports],
+    ) -> None:
+        self.keys = keys  # sorted
+        self.values = values  # each key's contribution
+        self.exported = exported  # the keys exported anywhere, with their exports
+        # Positions of the keys exported to every namespace, and to each namespace named.
+        everywhere: list[int] = []
+        to: dict[str, list[int]] = {}
+        for key, exports in exported.items():
+            position = bisect.bisect_left(keys, key)
+            if EVERY_NAMESPACE in exports:
+                everywhere.append(position)
+            else:
+                for namespace in exports:
+                    to.setdefault(namespace, []).append(position)
+        self._everywhere = sorted(everywhere)
+        self._to = to
+
+    def visible_to(self, namespace: str) -> list[T]:
+        """The contributions of the Services visible to `namespace`, in key order."""
+        keys, values = self.keys, self.values
+        low = bisect.bisect_left(keys, ServiceKey(namespace, ""))
+        high = bisect.bisect_left(keys, ServiceKey(namespace + "\0", ""))
+        others = [p for p in self._everywhere if not low <= p < high]
+        others.extend(p for p in self._to.get(namespace, ()) if not low <= p < high)
+        if not others:
+            return list(values[low:high])
+        return [values[position] for position in sorted({*range(low, high), *others})]
+
+
 @dataclass(frozen=True, slots=True)
 class PortScope:
-    """The detail of a port's listener: each claimant Service (in key order) with its exports and
-    its claims (`xds.translate.PortClaim`), from which a scope's listener is rebuilt."""
+    """The detail of a port's listener: each claimant Service's claims
+    (`xds.translate.PortClaim`), from which a scope's listener is rebuilt."""
 
     port: int
-    entries: tuple[tuple[ServiceKey, Exports, tuple[object, ...]], ...]
+    claims: Contributions[tuple[object, ...]]
 
 
 @dataclass(frozen=True, slots=True)
 class RouteScope:
-    """The detail of a port's route configuration: each Service with virtual hosts on the port (in
-    key order), with its exports and its virtual hosts, framed as RouteConfiguration fields."""
+    """The detail of a port's route configuration: each Service's virtual hosts on the port,
+    framed as RouteConfiguration fields."""
 
-    entries: tuple[tuple[ServiceKey, Exports, bytes], ...]
+    hosts: Contributions[bytes]
 
 
 def fingerprint(text: str) -> int:
@@ -141,3 +188,73 @@ def fingerprint(text: str) -> int:
 
 def salt_of(print_xor: int) -> bytes:
     return print_xor.to_bytes(16, "big")
+
+
+class ScopeIndex:
+    """Which Services' clusters and assignments each namespace owns, and which are exported, kept
+    up to date with the cache's change sets: a scope's first view looks at what it may see, not at
+    the whole mesh. A resource without a scope detail (not a Service's) is a candidate for all."""
+
+    TYPES = (CLUSTER, ENDPOINT)
+
+    def __init__(self, changes_since: Callable[[int], Changes | None] | None = None) -> None:
+        self._changes_since = changes_since
+        self.snapshot: Snapshot | None = None
+        self.serial: int | None = None
+        self._owner: dict[str, dict[str, str]] = {url: {} for url in self.TYPES}
+        self._by_namespace: dict[str, dict[str, set[str]]] = {url: {} for url in self.TYPES}
+        self._exported: dict[str, dict[str, ServiceScope | None]] = {url: {} for url in self.TYPES}
+
+    def candidates(
+        self, snapshot: Snapshot, serial: int | None, type_url: str, namespace: str
+    ) -> Iterable[str] | None:
+        """The names of `type_url` in `snapshot` that `namespace` may see (a superset), or None
+        when the index cannot tell (a type it does not index, a snapshot older than its own)."""
+        if type_url not in self.TYPES or not self._move_to(snapshot, serial):
+            return None
+        own = self._by_namespace[type_url].get(namespace, ())
+        exported = [
+            name
+            for name, scope in self._exported[type_url].items()
+            if scope is None or (scope.key.namespace != namespace and scope.visible_to(namespace))
+        ]
+        return itertools.chain(own, exported)
+
+    def _move_to(self, snapshot: Snapshot, serial: int | None) -> bool:
+        if snapshot is self.snapshot:
+            return True
+        if serial is not None and self.serial is not None and serial < self.serial:
+            return False
+        changes = None
+        if serial is not None and self.serial is not None and self._changes_since is not None:
+            changes = self._changes_since(self.serial)
+        for type_url in self.TYPES:
+            available = snapshot.of_type(type_url)
+            if changes is None:
+                self._owner[type_url].clear()
+                self._by_namespace[type_url].clear()
+                self._exported[type_url].clear()
+                names: Iterable[str] = available.keys()
+            else:
+                names = changes.get(type_url, ())
+            for name in names:
+                self._place(type_url, name, available.get(name))
+        self.snapshot, self.serial = snapshot, serial
+        return True
+
+    def _place(self, type_url: str, name: str, resource: Resource | None) -> None:
+        owner = self._owner[type_url].pop(name, None)
+        if owner is not None:
+            names = self._by_namespace[type_url][owner]
+            names.discard(name)
+            if not names:
+                del self._by_namespace[type_url][owner]
+        self._exported[type_url].pop(name, None)
+        if resource is None:
+            return
+        scope = resource.detail if isinstance(resource.detail, ServiceScope) else None
+        if scope is None or scope.exports:
+            self._exported[type_url][name] = scope
+        if scope is not None:
+            self._owner[type_url][name] = scope.key.namespace
+            self._by_namespace[type_url].setdefault(scope.key.namespace, set()).add(name)

@@ -144,6 +144,7 @@ from xds.scopes import (
     EXPORT_TO_ANNOTATION,
     MAX_EXPORT_TO_CHARS,
     PRIVATE,
+    Contributions,
     Exports,
     PortScope,
     RouteScope,
@@ -152,7 +153,6 @@ from xds.scopes import (
     fingerprint,
     parse_export_to,
     salt_of,
-    visible,
 )
 
 ANNOTATION_PREFIX = "xds.dev/"
@@ -709,9 +709,11 @@ class Translator:
         detail: PortScope | None = None
         salt = b""
         if self.settings.scoped:
-            exports = self._exports
             detail = PortScope(
-                port, tuple((key, exports.get(key, PRIVATE), by_key[key]) for key in keys)
+                port,
+                Contributions(
+                    tuple(keys), tuple(map(by_key.__getitem__, keys)), self._exported_of(by_key)
+                ),
             )
             salt = salt_of(_xor(self._port_prints.get(port, {}).values()))
         if cached is None or cached[0] != (claims, salt):
@@ -747,18 +749,20 @@ class Translator:
         if not self.settings.scoped:
             run.put(Resource.from_bytes(ROUTE, name, body))
             return
-        exports = self._exports
-        entries = tuple(
-            (key, exports.get(key, PRIVATE), framed[key]) for key in keys if key in framed
-        )
+        present = tuple(key for key in keys if key in framed) if len(framed) < len(keys) else keys
+        exported = self._exported_of(framed)
         salt = salt_of(
-            _xor(
-                fingerprint(f"{key}|{exports_text(exported)}")
-                for key, exported, _ in entries
-                if exported
-            )
+            _xor(fingerprint(f"{key}|{exports_text(exports)}") for key, exports in exported.items())
         )
-        run.put(Resource.from_bytes(ROUTE, name, body, detail=RouteScope(entries), salt=salt))
+        detail = RouteScope(Contributions(tuple(present), tuple(hosts), exported))
+        run.put(Resource.from_bytes(ROUTE, name, body, detail=detail, salt=salt))
+
+    def _exported_of(self, by_key: Mapping[ServiceKey, object]) -> dict[ServiceKey, Exports]:
+        """The exports of those of a port's Services that are exported anywhere (a few)."""
+        exports = self._exports
+        if len(exports) > len(by_key):
+            return {key: exports[key] for key in by_key if key in exports}
+        return {key: value for key, value in exports.items() if key in by_key}
 
     def _collect_problems(self) -> tuple[Problem, ...]:
         """Every problem, in the order of a whole walk: ClusterIP conflicts (by the first
@@ -1107,16 +1111,27 @@ def port_listener(
     address = _address(settings, name, port, problems)
     if address is None:
         return None, tuple(problems)
-    http = [c for c in claims if c.protocol.kind.speaks_http]
-    raw = [c for c in claims if c.protocol.kind in (Kind.TCP, Kind.DETECT)]
-    tls = [c for c in claims if c.protocol.kind is Kind.TLS]
+    # One pass, comparing kinds by identity: a port may carry thousands of claims, and a scope's
+    # view rebuilds its listener for every change of the port.
+    raw: list[PortClaim] = []  # TCP and undeclared, in claim order
+    tls: list[PortClaim] = []
+    http = detected = False
+    for claim in claims:
+        kind = claim.protocol.kind
+        if kind is Kind.TCP:
+            raw.append(claim)
+        elif kind is Kind.DETECT:
+            raw.append(claim)
+            http = detected = True
+        elif kind is Kind.TLS:
+            tls.append(claim)
+        else:  # HTTP, HTTP2
+            http = True
     # Where bytes that are not HTTP go when nothing else selects a chain: a Service without a
     # ClusterIP first, since nothing else could reach it (min() keeps the first of equals).
     candidates = raw or ([] if http else tls)
     fallback = min(candidates, key=lambda c: c.cluster_ip is not None) if candidates else None
-    detect = (bool(http) and fallback is not None) or any(
-        c.protocol.kind is Kind.DETECT for c in claims
-    )
+    detect = (http and fallback is not None) or detected
 
     manager = _http_filter(settings, port) if http else None
     chains: list[listener_components_pb2.FilterChain] = []
@@ -1682,24 +1697,18 @@ def for_scope(resource: Resource, namespace: str, settings: Settings) -> Resourc
     if isinstance(detail, ServiceScope):
         return resource if detail.visible_to(namespace) else None
     if isinstance(detail, PortScope):
-        shown = [
-            cast(tuple[PortClaim, ...], claims)
-            for key, exports, claims in detail.entries
-            if visible(key, exports, namespace)
-        ]
+        shown = cast(list[tuple[PortClaim, ...]], detail.claims.visible_to(namespace))
         if not shown:
             return None
-        if len(shown) == len(detail.entries):
+        if len(shown) == len(detail.claims.keys):
             return resource
         listener, _ = port_listener(settings, detail.port, tuple(itertools.chain(*shown)))
         return listener
     if isinstance(detail, RouteScope):
-        hosts = [
-            framed for key, exports, framed in detail.entries if visible(key, exports, namespace)
-        ]
+        hosts = detail.hosts.visible_to(namespace)
         if not hosts:
             return None
-        if len(hosts) == len(detail.entries):
+        if len(hosts) == len(detail.hosts.keys):
             return resource
         body = encode_len_field(1, resource.name.encode()) + b"".join(hosts)
         return Resource.from_bytes(ROUTE, resource.name, body)

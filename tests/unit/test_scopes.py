@@ -14,7 +14,7 @@ from xds.cache import Cache, Snapshot
 from xds.config import Settings
 from xds.model import Endpoint, EndpointGroup, EndpointPort, Mesh, ServiceEntry, ServicePort
 from xds.resources import ADS_ORDER, CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource
-from xds.scopes import EXPORT_TO_ANNOTATION, parse_export_to, scope_rule
+from xds.scopes import EXPORT_TO_ANNOTATION, ScopeIndex, parse_export_to, scope_rule
 from xds.server.views import Variant, Views
 from xds.translate import Translator, decode, for_scope, translate
 
@@ -194,8 +194,9 @@ def test_settings_refuse_a_mesh_wide_namespace_without_namespace_scoping():
 
 
 def test_scoped_views_followed_through_random_changes_equal_views_derived_afresh():
-    """The incremental path (translator, cache change sets, each scope's view carried from
-    snapshot to snapshot) gives what a view derived from nothing gives, and nothing dangles."""
+    """The incremental path (translator, cache change sets, the scope index, each scope's view
+    carried from snapshot to snapshot) gives what a view derived from nothing (every resource
+    looked at) gives, and nothing dangles."""
     rng = random.Random(10)
     namespaces = ("team-a", "team-b", "team-c")
     ports = (
@@ -217,14 +218,23 @@ def test_scoped_views_followed_through_random_changes_equal_views_derived_afresh
     def rewrite(resource: Resource, variant: Variant) -> Resource | None:
         return for_scope(resource, variant.scope or "", SCOPED)
 
-    followed = Views(rewrite, cache.changes_since)
+    index = ScopeIndex(cache.changes_since)
+    followed = Views(
+        rewrite,
+        cache.changes_since,
+        lambda snapshot, serial, variant, url: index.candidates(
+            snapshot, serial, url, variant.scope or ""
+        ),
+    )
     for step in range(40):
         translation = translator.translate(current)
         cache.publish(translation.resources, changes=translation.resource_changes)
         for namespace in (*namespaces, ""):
+            variant = Variant(None, namespace)
             if rng.random() < 0.3:
                 continue  # a scope not looked at for a while catches up over several publishes
-            variant = Variant(None, namespace)
+            if rng.random() < 0.1:
+                followed.release(variant)  # its clients left: the next one starts from the index
             view = followed.view(cache.snapshot, variant, cache.published)
             fresh = Views(rewrite).view(cache.snapshot, variant)
             for url in ADS_ORDER:

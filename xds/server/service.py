@@ -12,7 +12,7 @@ import itertools
 import logging
 import resource
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 
 from xds.cache import Cache, Snapshot
 from xds.resources import ADS_ORDER, CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource
+from xds.scopes import ScopeIndex
 from xds.server.callbacks import Callbacks
 from xds.server.delta import DeltaResponse, DeltaStream
 from xds.server.index import SubscriptionIndex
@@ -120,8 +121,9 @@ class DiscoveryServer:
         # see only their scope (see `views`): each variant's view is shared by its clients.
         self.scoping = scoping
         self._per_type_rewrite = per_type_rewrite
+        self._scope_index = ScopeIndex(cache.changes_since)
         self._views = (
-            Views(self._rewrite, cache.changes_since)
+            Views(self._rewrite, cache.changes_since, self._candidates)
             if per_type_rewrite is not None or scoping is not None
             else None
         )
@@ -144,6 +146,14 @@ class DiscoveryServer:
         if shown is not None and variant.api_type is not None and self._per_type_rewrite:
             shown = self._per_type_rewrite(shown, variant.api_type)
         return shown
+
+    def _candidates(
+        self, snapshot: Snapshot, serial: int | None, variant: Variant, type_url: str
+    ) -> Iterable[str] | None:
+        """What a scope's first view looks at: its namespace's and what is exported."""
+        if variant.scope is None:
+            return None
+        return self._scope_index.candidates(snapshot, serial, type_url, variant.scope)
 
     async def _dispatch(self) -> None:
         """Wakes, after each publish, only the streams subscribed to a name it changed (looked up

@@ -91,24 +91,36 @@ class SnapshotView:
 
 @dataclass
 class _Derived:
-    """One variant's view of one type, as of one snapshot."""
+    """One variant's view of one type, as of one snapshot. Its dicts are never changed once a
+    view has handed them out: a new snapshot's view copies them when something of it changed."""
 
     serial: int | None
-    originals: dict[str, str]  # name -> version of the resource looked at (shown or not)
+    # name -> version of the resource shown rewritten (a resource shown as it is is its own
+    # record: `items[name] is resource`)
+    originals: dict[str, str]
     items: dict[str, Resource]  # name -> the resource as shown
     digest: int  # XOR of the shown resources' version shares
 
 
+# The names of a type that a variant may see in a snapshot (a superset), or None for all of them.
+Candidates = Callable[[Snapshot, int | None, Variant, str], Iterable[str] | None]
+
+
 class Views:
     """Builds and remembers the views of each variant. A new snapshot's view rewrites only the
-    resources its publishes changed (from `changes_since`, when the serials are known), or else
-    those whose version differs."""
+    resources its publishes changed (from `changes_since`, when the serials are known); a first
+    view, or one that fell behind, looks at the `candidates` (default: every resource of the type).
+    """
 
     def __init__(
-        self, rewrite: Rewrite, changes_since: Callable[[int], Changes | None] | None = None
+        self,
+        rewrite: Rewrite,
+        changes_since: Callable[[int], Changes | None] | None = None,
+        candidates: Candidates | None = None,
     ) -> None:
         self._rewrite = rewrite
         self._changes_since = changes_since
+        self._candidates = candidates
         self._views: dict[Variant, SnapshotView] = {}
         self._derived: dict[tuple[Variant, str], _Derived] = {}
 
@@ -134,30 +146,47 @@ class Views:
     ) -> tuple[Mapping[str, Resource], str]:
         available = snapshot.of_type(type_url)
         previous = self._derived.get((variant, type_url))
-        names: Iterable[str] = available.keys() | (previous.originals if previous else {}).keys()
+        names: Iterable[str] | None = None
         if previous is not None and serial is not None and previous.serial is not None:
             changes = self._changes_since(previous.serial) if self._changes_since else None
             if changes is not None:
                 names = changes.get(type_url, frozenset())
+        if names is None:
+            found = (
+                self._candidates(snapshot, serial, variant, type_url) if self._candidates else None
+            )
+            look = set(available.keys() if found is None else found)
+            if previous is not None:
+                look.update(previous.items.keys(), previous.originals.keys())
+            names = look
         if previous is None:
             previous = _Derived(serial, {}, {}, 0)
-        derived = _Derived(
-            serial, previous.originals.copy(), previous.items.copy(), previous.digest
-        )
+        derived = _Derived(serial, previous.originals, previous.items, previous.digest)
+        copied = False
         for name in names:
             resource = available.get(name)
-            if resource is not None and derived.originals.get(name) == resource.version:
+            held = derived.items.get(name)
+            if resource is not None and (
+                held is resource or derived.originals.get(name) == resource.version
+            ):
                 continue
-            old = derived.items.pop(name, None)
+            if held is None and resource is None:
+                continue
+            if not copied:
+                derived.originals, derived.items = derived.originals.copy(), derived.items.copy()
+                copied = True
             derived.originals.pop(name, None)
-            if old is not None:
-                derived.digest ^= version_share(name, old.version)
+            if held is not None:
+                del derived.items[name]
+                derived.digest ^= version_share(name, held.version)
             if resource is None:
                 continue
-            derived.originals[name] = resource.version
             shown = self._rewrite(resource, variant)
-            if shown is not None:
-                derived.items[name] = shown
-                derived.digest ^= version_share(name, shown.version)
+            if shown is None:
+                continue
+            derived.items[name] = shown
+            derived.digest ^= version_share(name, shown.version)
+            if shown is not resource:
+                derived.originals[name] = resource.version
         self._derived[(variant, type_url)] = derived
         return MappingProxyType(derived.items), format_version(derived.digest)
