@@ -8,7 +8,7 @@ as every client does under the default `mesh` scope. A Service exports itself wi
 (the default: a Service is private to its namespace). This is Istio's `exportTo` with the opposite
 default, because under namespace scoping the point is that nothing leaks unless it is said.
 
-The namespace of a client is the one its node claims (`xds.tls.claimed_namespace`); under mTLS
+The namespace of a client is the one its node claims (`claimed_namespace`); under mTLS
 the node identity check has made that claim the client certificate's, otherwise it is the client's
 word. A client that names no namespace sees only what is exported to `*`.
 """
@@ -120,6 +120,12 @@ class ServiceScope:
 
     def visible_to(self, namespace: str) -> bool:
         return visible(self.key, self.exports, namespace)
+
+    @property
+    def salt(self) -> bytes:
+        """What stands for this detail in its resources' versions (never empty, so that a
+        resource translated with scoping never shares a version with one translated without)."""
+        return exports_text(self.exports).encode() or b"."
 
 
 class Contributions(Generic[T]):

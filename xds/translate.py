@@ -73,6 +73,7 @@ serialized bytes.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import ipaddress
 import itertools
@@ -283,6 +284,8 @@ class _ClusterOptions:
     lb_policy: str
     connect_timeout_s: float
     patch: cluster_pb2.Cluster | None
+    # Under scoping, whom the Service's clusters and assignments are visible to.
+    scope: ServiceScope | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -658,13 +661,15 @@ class Translator:
                     continue
                 listener_ports.add(port)
                 by_key = self._port_claims.setdefault(port, {})
-                prints = self._port_prints.setdefault(port, {})
                 if claims is None:
                     del by_key[key]
-                    prints.pop(key, None)
                 else:
                     by_key[key] = claims
-                    if self.settings.scoped:
+                if self.settings.scoped:
+                    prints = self._port_prints.setdefault(port, {})
+                    if claims is None:
+                        prints.pop(key, None)
+                    else:
                         text = f"{key}|{exports_text(after.exports)}|{claims!r}"
                         prints[key] = fingerprint(text)
         if before.virtual_hosts != after.virtual_hosts or exports_moved:
@@ -789,6 +794,9 @@ class Translator:
             "visible to its own namespace only",
         )
         exports = exports if exports is not None else PRIVATE
+        if self.settings.scoped:
+            # Whom its resources are visible to rides along, and moves their versions when it moves.
+            options = dataclasses.replace(options, scope=ServiceScope(service.key, exports))
         if service.type == "ExternalName":
             groups: tuple[EndpointGroup, ...] = ()
             external = self._external_target(service, problems)
@@ -814,17 +822,9 @@ class Translator:
                 clusters.append(self._external_cluster(external, port, protocol, name, options))
             else:
                 clusters.append(self._eds_cluster(protocol, name, options))
-                assignments.append(self._assignment(service, groups, port, name, problems))
-            if self.settings.scoped:
-                # Whom these are visible to rides along, and moves their versions when it moves.
-                scope = ServiceScope(service.key, exports)
-                salt = exports_text(exports).encode() or b"."
-                for built in (clusters, assignments):
-                    if built and built[-1].name == name:
-                        old = built[-1]
-                        built[-1] = Resource.from_bytes(
-                            old.type_url, old.name, old.body, old.refs, scope, salt
-                        )
+                assignments.append(
+                    self._assignment(service, groups, port, name, problems, options.scope)
+                )
             port_claims.append(
                 PortClaim(
                     port.port,
@@ -917,7 +917,7 @@ class Translator:
             ),
         )
         self._finish_cluster(cluster, protocol, options)
-        return Resource.from_message(name, cluster, refs=((ENDPOINT, name),))
+        return Resource.from_message(name, cluster, ((ENDPOINT, name),), *_marks(options.scope))
 
     def _external_cluster(
         self,
@@ -935,7 +935,7 @@ class Translator:
                 load_assignment=endpoint_pb2.ClusterLoadAssignment(cluster_name=name),
             )
             self._finish_cluster(cluster, protocol, options)
-            return Resource.from_message(name, cluster)
+            return Resource.from_message(name, cluster, (), *_marks(options.scope))
         # An ExternalName is a DNS alias: clients reach the external host on the service port.
         cluster = cluster_pb2.Cluster(
             name=name,
@@ -951,7 +951,7 @@ class Translator:
             ),
         )
         self._finish_cluster(cluster, protocol, options)
-        return Resource.from_message(name, cluster)
+        return Resource.from_message(name, cluster, (), *_marks(options.scope))
 
     def _external_target(self, service: Service, problems: list[Problem]) -> str | None:
         """The host an ExternalName Service's clusters resolve, or None (with an error) when it
@@ -1031,6 +1031,7 @@ class Translator:
         port: ServicePort,
         name: str,
         problems: list[Problem],
+        scope: ServiceScope | None,
     ) -> Resource:
         by_locality: dict[tuple[str, str], dict[tuple[str, int], health_check_pb2.HealthStatus]] = (
             defaultdict(dict)
@@ -1055,7 +1056,8 @@ class Translator:
             (region, zone, sorted(endpoints.items()))
             for (region, zone), endpoints in sorted(by_locality.items())
         ]
-        return Resource.from_bytes(ENDPOINT, name, encode_assignment(name, localities))
+        body = encode_assignment(name, localities)
+        return Resource.from_bytes(ENDPOINT, name, body, (), *_marks(scope))
 
     def _host_names(self, service: Service, claims: _Claims) -> tuple[str, ...]:
         """The DNS names clients use for the Service (also its TLS server names)."""
@@ -1713,6 +1715,11 @@ def for_scope(resource: Resource, namespace: str, settings: Settings) -> Resourc
         body = encode_len_field(1, resource.name.encode()) + b"".join(hosts)
         return Resource.from_bytes(ROUTE, resource.name, body)
     return resource
+
+
+def _marks(scope: ServiceScope | None) -> tuple[ServiceScope | None, bytes]:
+    """A Service resource's detail and salt: its scope under scoping, nothing without."""
+    return (scope, scope.salt) if scope is not None else (None, b"")
 
 
 def _xor(numbers: Iterable[int]) -> int:
