@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Protocol
 
 from xds.resources import (
-    ADS_ORDER,
+    SNAPSHOT_TYPES,
     Resource,
     format_version,
     type_digest,
@@ -125,7 +125,7 @@ class Snapshot:
     def inconsistencies(self) -> list[str]:
         """Every reference to a resource that the snapshot does not hold, as readable lines."""
         missing: list[str] = []
-        for type_url in ADS_ORDER:
+        for type_url in SNAPSHOT_TYPES:
             for resource in self.of_type(type_url).values():
                 missing.extend(self._dangling(resource))
         return missing

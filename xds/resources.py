@@ -20,6 +20,11 @@ CLUSTER = PREFIX + "envoy.config.cluster.v3.Cluster"
 ENDPOINT = PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = PREFIX + "envoy.config.listener.v3.Listener"
 ROUTE = PREFIX + "envoy.config.route.v3.RouteConfiguration"
+# Where a snapshot keeps the listeners served only to clients that ask for them by name: proxyless
+# gRPC's API listeners, named like the client's target (`svc.ns:port`). They are Listeners on the
+# wire; kept apart from LISTENER, which a wildcard subscriber (Envoy) gets whole, they never reach
+# Envoy, which takes an API listener for its own and refuses a second.
+API_LISTENER = LISTENER + "#api"
 
 # Make-before-break: a cluster exists before its endpoints are needed, endpoints before a listener
 # sends traffic, a listener before the routes it names.
@@ -27,13 +32,21 @@ ADS_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
 
 # CDS and LDS are sent whole in state-of-the-world; EDS and RDS only for the names asked for.
 FULL_STATE_TYPES = frozenset({CLUSTER, LISTENER})
+# Every kind of resource a snapshot holds, by the key it is held under.
+SNAPSHOT_TYPES: tuple[str, ...] = (*ADS_ORDER, API_LISTENER)
 
-SHORT_NAMES = {CLUSTER: "CDS", ENDPOINT: "EDS", LISTENER: "LDS", ROUTE: "RDS"}
+SHORT_NAMES = {
+    CLUSTER: "CDS",
+    ENDPOINT: "EDS",
+    LISTENER: "LDS",
+    ROUTE: "RDS",
+    API_LISTENER: "API",
+}
 TYPES_BY_SHORT_NAME = {short: url for url, short in SHORT_NAMES.items()}
 
 
 def short_name(type_url: str) -> str:
-    """CDS, EDS, LDS or RDS; for any other type, its message name."""
+    """CDS, EDS, LDS or RDS (API for API listeners); for any other type, its message name."""
     return SHORT_NAMES.get(type_url) or type_url.rsplit(".", 1)[-1]
 
 

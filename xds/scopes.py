@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 
 from xds.cache import Changes, Snapshot
 from xds.model import ServiceKey
-from xds.resources import CLUSTER, ENDPOINT, Resource
+from xds.resources import API_LISTENER, CLUSTER, ENDPOINT, Resource
 
 EXPORT_TO_ANNOTATION = "xds.dev/export-to"
 # Istio's node metadata keys for the proxy's namespace and service account.
@@ -197,11 +197,12 @@ def salt_of(print_xor: int) -> bytes:
 
 
 class ScopeIndex:
-    """Which Services' clusters and assignments each namespace owns, and which are exported, kept
-    up to date with the cache's change sets: a scope's first view looks at what it may see, not at
-    the whole mesh. A resource without a scope detail (not a Service's) is a candidate for all."""
+    """Which Services' clusters, assignments and API listeners each namespace owns, and which are
+    exported, kept up to date with the cache's change sets: a scope's first view looks at what it
+    may see, not at the whole mesh. A resource without a scope detail (not a Service's) is a
+    candidate for all."""
 
-    TYPES = (CLUSTER, ENDPOINT)
+    TYPES = (CLUSTER, ENDPOINT, API_LISTENER)
 
     def __init__(self, changes_since: Callable[[int], Changes | None] | None = None) -> None:
         self._changes_since = changes_since

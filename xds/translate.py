@@ -12,6 +12,14 @@ Names, in one place:
   holding the virtual hosts of the port's HTTP (and undeclared) Services.
 - Virtual host: `<namespace>/<service>`, one per Service in the route configuration of each of its
   port numbers.
+- API listener (proxyless gRPC): named as a gRPC client names its target `xds:///<host>:<port>`,
+  for every HTTP-family port (http, http2, grpc, undeclared): `svc.ns:port`, `svc.ns.svc:port`,
+  `svc.ns.svc.<cluster domain>:port`, and `<ClusterIP>:port` (`[<ip>]:port` for IPv6) when the
+  Service owns its ClusterIP. Each holds an HttpConnectionManager that takes the port's route
+  configuration `http:<port>` over ADS (the one Envoy uses: its virtual hosts hold these
+  domains) and the router. The short name is left out: `svc:port` could be a Service named
+  `port`'s listener `port:<n>` in form, and a short name means a namespace only to DNS. They are
+  kept under `API_LISTENER` in a snapshot, served only to clients that name them.
 
 Each port keeps its protocol (`xds.protocols`): HTTP ports share the HttpConnectionManager of their
 port; TLS ports are passed through, matched by SNI on the Service's host names; TCP ports go
@@ -101,7 +109,11 @@ from xds._pb.envoy.config.core.v3 import (
     protocol_pb2,
 )
 from xds._pb.envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
-from xds._pb.envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from xds._pb.envoy.config.listener.v3 import (
+    api_listener_pb2,
+    listener_components_pb2,
+    listener_pb2,
+)
 from xds._pb.envoy.config.route.v3 import route_components_pb2, route_pb2
 from xds._pb.envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2
 from xds._pb.envoy.extensions.filters.http.router.v3 import router_pb2
@@ -133,6 +145,7 @@ from xds.model import (
 )
 from xds.protocols import Kind, PortProtocol, port_protocol
 from xds.resources import (
+    API_LISTENER,
     CLUSTER,
     ENDPOINT,
     LISTENER,
@@ -312,6 +325,8 @@ class ServiceOutput:
     virtual_hosts: tuple[tuple[int, bytes], ...] = ()
     # Every proxied port, for the listener of its port number.
     claims: tuple[PortClaim, ...] = ()
+    # The API listeners of its HTTP-family ports, for proxyless gRPC clients.
+    api_listeners: tuple[Resource, ...] = ()
     problems: tuple[Problem, ...] = ()
     # The namespaces besides its own the Service is exported to (`xds.scopes`).
     exports: Exports = PRIVATE
@@ -440,6 +455,10 @@ class _Run:
         self._previous = resources
         self.resources = dict(resources)
         self.changed: dict[str, set[str]] = {}
+        # Names a Service gave up and names Services set, by type: a name can pass from one
+        # Service to another in a run (a ClusterIP's API listener), whichever is translated first.
+        self._released: set[tuple[str, str]] = set()
+        self._placed: set[tuple[str, str]] = set()
 
     def _writable(self, type_url: str) -> dict[str, Resource]:
         items = self.resources[type_url]
@@ -447,18 +466,31 @@ class _Run:
             items = self.resources[type_url] = items.copy()
         return items
 
-    def put(self, resource: Resource) -> None:
-        held = self.resources[resource.type_url].get(resource.name)
+    def put(self, resource: Resource, kept_as: str | None = None) -> None:
+        """Sets a resource, under its own type unless `kept_as` names another (API_LISTENER)."""
+        type_url = kept_as or resource.type_url
+        self._placed.add((type_url, resource.name))
+        held = self.resources[type_url].get(resource.name)
         if held is not None and held.version == resource.version:
             return
-        self._writable(resource.type_url)[resource.name] = resource
-        self.changed.setdefault(resource.type_url, set()).add(resource.name)
+        self._writable(type_url)[resource.name] = resource
+        self.changed.setdefault(type_url, set()).add(resource.name)
 
     def remove(self, type_url: str, name: str) -> None:
         if name not in self.resources[type_url]:
             return
         del self._writable(type_url)[name]
         self.changed.setdefault(type_url, set()).add(name)
+
+    def release(self, type_url: str, name: str) -> None:
+        """A Service no longer sets this name: removed by `settle` unless one sets it meanwhile."""
+        self._released.add((type_url, name))
+
+    def settle(self) -> None:
+        for type_url, name in self._released - self._placed:
+            self.remove(type_url, name)
+        self._released.clear()
+        self._placed.clear()
 
 
 def _by_port(pairs: Iterable[tuple[int, T]]) -> dict[int, tuple[T, ...]]:
@@ -513,6 +545,7 @@ class Translator:
             ENDPOINT: {},
             LISTENER: {},
             ROUTE: {},
+            API_LISTENER: {},
         }
         self._problems: tuple[Problem, ...] = ()
 
@@ -596,6 +629,7 @@ class Translator:
                 key, before, output, run, listener_ports, route_ports
             )
 
+        run.settle()
         for port in sorted(listener_ports):
             problems_changed |= self._rebuild_listener(port, run)
             route_ports.add(port)
@@ -639,13 +673,14 @@ class Translator:
         for type_url, old, new in (
             (CLUSTER, before.clusters, after.clusters),
             (ENDPOINT, before.assignments, after.assignments),
+            (API_LISTENER, before.api_listeners, after.api_listeners),
         ):
             for resource in new:
-                run.put(resource)
+                run.put(resource, type_url)
             kept = {resource.name for resource in new}
             for resource in old:
                 if resource.name not in kept:
-                    run.remove(type_url, resource.name)
+                    run.release(type_url, resource.name)
         # Under scoping, exports are part of what a port's listener and routes are built from.
         exports_moved = self.settings.scoped and before.exports != after.exports
         if after.exports:
@@ -740,9 +775,8 @@ class Translator:
             self._port_hosts.pop(port, None)
             run.remove(ROUTE, name)
             return
-        if listener_name(port) not in run.resources[LISTENER]:
-            run.remove(ROUTE, name)
-            return
+        # Kept even when the port has no Envoy listener (its port + offset is out of range): the
+        # port's API listeners use it.
         keys = self._port_keys[port]
         hosts = (
             [framed[key] for key in keys if key in framed]
@@ -806,6 +840,7 @@ class Translator:
         assignments: list[Resource] = []
         virtual_hosts: list[tuple[int, bytes]] = []
         port_claims: list[PortClaim] = []
+        api_listeners: list[Resource] = []
         for port in service.ports:
             if port.protocol != "TCP":
                 problems.append(
@@ -848,13 +883,18 @@ class Translator:
                 ],
             )
             virtual_hosts.append((port.port, vhost.SerializeToString(deterministic=True)))
+            api_listeners.extend(
+                api_listener(target, port.port, options.scope)
+                for target in self._targets(service, port, claims)
+            )
         return ServiceOutput(
-            tuple(clusters),
-            tuple(assignments),
-            tuple(virtual_hosts),
-            tuple(port_claims),
-            tuple(problems),
-            exports,
+            clusters=tuple(clusters),
+            assignments=tuple(assignments),
+            virtual_hosts=tuple(virtual_hosts),
+            claims=tuple(port_claims),
+            api_listeners=tuple(api_listeners),
+            problems=tuple(problems),
+            exports=exports,
         )
 
     def _cluster_options(self, service: Service, problems: list[Problem]) -> _ClusterOptions:
@@ -1071,10 +1111,51 @@ class Translator:
 
     def _domains(self, service: Service, port: ServicePort, claims: _Claims) -> list[str]:
         bases = list(self._host_names(service, claims))
-        if claims.cluster_ip and service.cluster_ip:
-            ip = service.cluster_ip
-            bases.append(f"[{ip}]" if ipaddress.ip_address(ip).version == 6 else ip)
+        ip = _host_ip(service, claims)
+        if ip is not None:
+            bases.append(ip)
         return [domain for base in bases for domain in (base, f"{base}:{port.port}")]
+
+    def _targets(self, service: Service, port: ServicePort, claims: _Claims) -> list[str]:
+        """The `host:port` targets a gRPC client may name the Service port by (its API listeners):
+        its domains with the port but the short name."""
+        hosts = list(self._host_names(service, _Claims(False, claims.cluster_ip)))
+        ip = _host_ip(service, claims)
+        if ip is not None:
+            hosts.append(ip)
+        return [f"{host}:{port.port}" for host in hosts]
+
+
+def _host_ip(service: Service, claims: _Claims) -> str | None:
+    """The Service's ClusterIP as a URL host (IPv6 in brackets), when it owns it."""
+    if not (claims.cluster_ip and service.cluster_ip):
+        return None
+    ip = service.cluster_ip
+    return f"[{ip}]" if ipaddress.ip_address(ip).version == 6 else ip
+
+
+@functools.lru_cache(maxsize=4096)
+def _api_listener_field(port: int) -> bytes:
+    """Listener.api_listener (field 19) of a port's API listeners: an HttpConnectionManager taking
+    the port's route configuration over ADS, then the router, as gRPC requires. Serialized once
+    per port: every API listener of the port differs only in its name."""
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix=f"grpc_{port}",
+        rds=hcm_pb2.Rds(config_source=_ads_source(), route_config_name=route_name(port)),
+        http_filters=[
+            hcm_pb2.HttpFilter(
+                name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())
+            )
+        ],
+    )
+    wrapper = api_listener_pb2.ApiListener(api_listener=_any(manager))
+    return encode_len_field(19, wrapper.SerializeToString(deterministic=True))
+
+
+def api_listener(target: str, port: int, scope: ServiceScope | None = None) -> Resource:
+    """The API listener a gRPC client asks for by its target `host:port` (module docstring)."""
+    body = encode_len_field(1, target.encode()) + _api_listener_field(port)
+    return Resource.from_bytes(LISTENER, target, body, ((ROUTE, route_name(port)),), *_marks(scope))
 
 
 def _address(
@@ -1613,7 +1694,14 @@ def encode_assignment(
     framing their few fields directly costs a fraction of building messages. The bytes are those
     of protobuf's deterministic serialization (fields in number order, defaults left out), which
     `tests/unit/test_translate.py` checks. `localities`: (region, zone, [((address, port),
-    health)]), in order."""
+    health)]), in order.
+
+    Every locality carries a `load_balancing_weight`: its number of HEALTHY endpoints, at least 1.
+    gRPC's clients drop a locality without one, and split traffic between localities by weight
+    before round_robin within each, so weighting by endpoints gives every endpoint an equal share,
+    as Envoy's own balancing does (Envoy reads locality weights only when a cluster asks). DRAINING
+    endpoints count for nothing: gRPC picks none of them, as Envoy does not. The priority is 0,
+    the default (so not on the wire)."""
     out = [encode_len_field(1, name.encode())] if name else []  # cluster_name
     for region, zone, endpoints in localities:
         locality = b""
@@ -1622,7 +1710,9 @@ def encode_assignment(
         if zone:
             locality += encode_len_field(2, zone.encode())  # Locality.zone
         body = [encode_len_field(1, locality)]  # LocalityLbEndpoints.locality
+        healthy = 0
         for (address, port), health in endpoints:
+            healthy += health == health_check_pb2.HEALTHY
             # SocketAddress: address = 2, port_value = 3; in Address.socket_address (1), in
             # Endpoint.address (1), in LbEndpoint.endpoint (1); LbEndpoint.health_status = 2.
             raw = address.encode()
@@ -1638,6 +1728,8 @@ def encode_assignment(
             if health:
                 lb_endpoint += b"\x10" + encode_varint(health)
             body.append(encode_len_field(2, lb_endpoint))  # LocalityLbEndpoints.lb_endpoints
+        # LocalityLbEndpoints.load_balancing_weight (3): UInt32Value{value (1)}.
+        body.append(encode_len_field(3, b"\x08" + encode_varint(max(healthy, 1))))
         out.append(encode_len_field(2, b"".join(body)))  # ClusterLoadAssignment.endpoints
     return b"".join(out)
 
@@ -1678,14 +1770,16 @@ def for_api_type(resource: Resource, api_type: str, xds_cluster: str) -> Resourc
         if message.eds_cluster_config.eds_config.HasField("ads"):
             message.eds_cluster_config.eds_config.CopyFrom(source)
     elif isinstance(message, listener_pb2.Listener):
-        for chain in message.filter_chains:
-            for network_filter in chain.filters:
-                manager = hcm_pb2.HttpConnectionManager()
-                if not network_filter.typed_config.Unpack(manager):
-                    continue
-                if manager.rds.config_source.HasField("ads"):
-                    manager.rds.config_source.CopyFrom(source)
-                    network_filter.typed_config.Pack(manager)
+        configs = [f.typed_config for chain in message.filter_chains for f in chain.filters]
+        if message.HasField("api_listener"):
+            configs.append(message.api_listener.api_listener)
+        for config in configs:
+            manager = hcm_pb2.HttpConnectionManager()
+            if not config.Unpack(manager):
+                continue
+            if manager.rds.config_source.HasField("ads"):
+                manager.rds.config_source.CopyFrom(source)
+                config.Pack(manager)
     return Resource.from_message(resource.name, message, refs=resource.refs)
 
 
@@ -1749,7 +1843,7 @@ def to_json(
 ) -> dict[str, list[dict[str, Any]]]:
     """Resources as proto3 JSON, grouped by short type name (CDS, EDS, LDS, RDS)."""
     out: dict[str, list[dict[str, Any]]] = {}
-    for type_url in resources.ADS_ORDER:
+    for type_url in resources.SNAPSHOT_TYPES:
         items = resources_by_type.get(type_url, {})
         out[resources.SHORT_NAMES[type_url]] = [
             json_format.MessageToDict(decode(items[name])) for name in sorted(items)

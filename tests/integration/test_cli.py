@@ -95,8 +95,11 @@ def test_translate_prints_every_type_for_the_demo():
     result = xds("translate", "--manifests", str(DEMO), *LOOPBACK)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
-    assert sorted(out) == ["CDS", "EDS", "LDS", "RDS"]
+    assert sorted(out) == ["API", "CDS", "EDS", "LDS", "RDS"]
     assert {c["name"] for c in out["CDS"]} == {"demo/web:http", "demo/hello:http"}
+    # Proxyless gRPC's API listeners, by the targets a client names, apart from Envoy's.
+    assert "web.demo:80" in {listener["name"] for listener in out["API"]}
+    assert all("apiListener" not in listener for listener in out["LDS"])
     policies = out["CDS"][0]["loadBalancingPolicy"]["policies"]
     assert policies[-1]["typedExtensionConfig"]["name"].endswith("round_robin")
 

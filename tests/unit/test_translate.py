@@ -298,6 +298,8 @@ def test_every_service_kind_is_translated():
 def test_hand_encoded_assignments_are_protobufs_deterministic_bytes() -> None:
     import random
 
+    from google.protobuf import wrappers_pb2
+
     from xds._pb.envoy.config.core.v3 import address_pb2, base_pb2
     from xds._pb.envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
     from xds.translate import encode_assignment
@@ -340,6 +342,10 @@ def test_hand_encoded_assignments_are_protobufs_deterministic_bytes() -> None:
                         )
                         for (address, port), health in endpoints
                     ],
+                    # gRPC drops a locality without a weight: its HEALTHY endpoints, at least 1.
+                    load_balancing_weight=wrappers_pb2.UInt32Value(
+                        value=max(1, sum(h == health_check_pb2.HEALTHY for _, h in endpoints))
+                    ),
                 )
             )
         assert encode_assignment(name, localities) == message.SerializeToString(deterministic=True)
