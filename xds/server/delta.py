@@ -34,6 +34,7 @@ from xds.server.stream import (
     StreamBase,
     Subscription,
     TypeStateBase,
+    resource_errors,
 )
 
 
@@ -47,6 +48,8 @@ class DeltaResponse:
     # Carries every resource of the type of its snapshot, to a client that held none: its bytes
     # but the nonce are those of every such response, encoded once for every stream.
     complete: bool = False
+    # Names newly found missing: reported NOT_FOUND (`stream.resource_errors`).
+    missing: tuple[str, ...] = ()
 
     def encode(self) -> bytes:
         """DeltaDiscoveryResponse bytes, framing the shared serialized resources."""
@@ -61,6 +64,7 @@ class DeltaResponse:
                 encode_len_field(5, self.nonce.encode()),
                 *(encode_len_field(6, name.encode()) for name in self.removed),
                 _CONTROL_PLANE_FIELD,
+                resource_errors(9, self.type_url, self.missing) if self.missing else b"",
             )
         )
 
@@ -111,6 +115,8 @@ class DeltaTypeState(TypeStateBase):
     # name -> the version the client held before the response in flight (None: none), for the
     # names it changes: what a NACK restores. No copy of everything the client holds is kept.
     undo: dict[str, str | None] = field(default_factory=dict)
+    # The names asked for by name last reported NOT_FOUND: each is reported once while missing.
+    not_found: frozenset[str] = frozenset()
 
     def held(self, name: str) -> str | None:
         """The version the client holds under a name, None if it holds none."""
@@ -206,18 +212,21 @@ class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest
 
     def _response_for(self, state: DeltaTypeState, snapshot: SnapshotLike) -> DeltaResponse | None:
         plan, removed = self._look(state, snapshot)
-        if not plan.changes and not removed and state.answered:
+        missing = state.missing(snapshot)
+        news = tuple(name for name in missing if name not in state.not_found)
+        state.not_found = frozenset(missing)
+        if not plan.changes and not removed and not news and state.answered:
             return None
         state.answered = True
         changed = tuple(plan.changes.values())
         complete = False
         state.undo = {name: state.held(name) for name in (*plan.changes, *removed)}
-        available = snapshot.of_type(state.type_url)
+        available = state.available(snapshot)
         held_before = len(state.known) if state.synced is None else len(state.synced)
         held_after = held_before
         held_after += sum(1 for name, previous in state.undo.items() if previous is None)
         held_after -= len(removed)
-        if self._in_step(state, plan, held_after, available):
+        if self._in_step(state, plan, held_after, available, snapshot):
             state.synced, state.known = available, {}
             if not held_before and not removed:
                 # The client held nothing and now holds the whole type: one encoding for all.
@@ -243,6 +252,7 @@ class DeltaStream(StreamBase[DeltaTypeState, discovery_pb2.DeltaDiscoveryRequest
             changed,
             tuple(removed),
             complete,
+            news,
         )
 
     def _has_update(self, state: DeltaTypeState, snapshot: SnapshotLike) -> bool:

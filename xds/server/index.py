@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from xds.cache import Changes
+from xds.resources import API_LISTENER, LISTENER
 
 _Group = tuple[str, frozenset[str]]  # (type URL, names)
 
@@ -74,8 +75,11 @@ class SubscriptionIndex:
     def concerned(self, changes: Changes) -> set[int]:
         """The streams subscribed to a name these changes touch."""
         streams: set[int] = set()
-        for type_url, changed in changes.items():
-            streams |= self._wildcard.get(type_url, set())
+        for kept_as, changed in changes.items():
+            # API listeners concern only the streams that name them (as Listeners).
+            type_url = LISTENER if kept_as == API_LISTENER else kept_as
+            if kept_as != API_LISTENER:
+                streams |= self._wildcard.get(type_url, set())
             by_name = self._by_name.get(type_url)
             if not by_name:
                 continue

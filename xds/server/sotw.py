@@ -46,6 +46,7 @@ from xds.server.stream import (
     StreamBase,
     Subscription,
     TypeStateBase,
+    resource_errors,
 )
 
 _CONTROL_PLANE_FIELD = encode_len_field(6, CONTROL_PLANE)  # DiscoveryResponse.control_plane
@@ -60,6 +61,8 @@ class Response:
     # Carries the client's whole selection, so its bytes but the nonce are those of every complete
     # response of this type and version: encoded once, shared by every stream.
     complete: bool = False
+    # Names asked for that the snapshot lacks: reported NOT_FOUND (`stream.resource_errors`).
+    missing: tuple[str, ...] = ()
 
     def encode(self) -> bytes:
         """DiscoveryResponse bytes, joined from resources serialized once for every stream."""
@@ -67,7 +70,14 @@ class Response:
             body = SHARED.body(("sotw", self.type_url, self.version), lambda: _body(self))
         else:
             body = _body(self)
-        return b"".join((body, encode_len_field(5, self.nonce.encode()), _CONTROL_PLANE_FIELD))
+        return b"".join(
+            (
+                body,
+                encode_len_field(5, self.nonce.encode()),
+                _CONTROL_PLANE_FIELD,
+                resource_errors(7, self.type_url, self.missing) if self.missing else b"",
+            )
+        )
 
 
 def _body(response: Response) -> bytes:
@@ -226,10 +236,10 @@ class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]
         if not plan.changes and not removed and not state.owed:
             return None
 
-        available = snapshot.of_type(state.type_url)
+        available = state.available(snapshot)
         held = state.sent
         added = sum(1 for name in plan.changes if name not in held)
-        if self._in_step(state, plan, len(held) - len(removed) + added, available):
+        if self._in_step(state, plan, len(held) - len(removed) + added, available, snapshot):
             sent: Mapping[str, Resource] = available
             version = snapshot.version(state.type_url)
             digest = None
@@ -270,7 +280,9 @@ class SotwStream(StreamBase[TypeState, discovery_pb2.DiscoveryRequest, Response]
             5, nonce.encode()
         )
         state.resources_sent += len(resources)
-        return Response(state.type_url, version, nonce, resources, complete)
+        return Response(
+            state.type_url, version, nonce, resources, complete, state.missing(snapshot)
+        )
 
     def _has_update(self, state: TypeState, snapshot: SnapshotLike) -> bool:
         return state.owed or (self._due(state) and bool(self._plan(state, snapshot)))

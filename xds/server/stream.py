@@ -24,6 +24,10 @@ Rules both variants keep (from the xDS protocol documentation):
   kept until the listeners and routes that may still use them have settled.
 - Endpoints are asked for by a cluster the client is warming, and Envoy holds its CDS ACK until
   they come: a subscribed name the snapshot lacks is answered with an empty assignment.
+- Any other name asked for by name that the snapshot lacks is reported with a ResourceError
+  NOT_FOUND (xRFC TP3, gRFC A88) in the response's `resource_errors`: gRPC clients that read it
+  fail at once instead of waiting out their 15 s does-not-exist timer. Clients that do not know
+  the field skip it, as protobuf parsers skip any field they do not know; nothing else changes.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypedDict, TypeVar
 
@@ -40,12 +44,14 @@ from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.cache import Changes, SnapshotLike
 from xds.resources import (
     ADS_ORDER,
+    API_LISTENER,
     CLUSTER,
     ENDPOINT,
     LISTENER,
     ROUTE,
     Resource,
     encode_len_field,
+    encode_varint,
     short_name,
 )
 
@@ -67,6 +73,36 @@ MAX_NODE_FIELD = 1024
 # How much of a NACK's message is kept (/debug/syncz) and logged: Envoy's run to a few hundred
 # characters per rejected resource, and only the client bounds them.
 MAX_NACK_MESSAGE = 4096
+# google.rpc.Code NOT_FOUND, the status of a ResourceError for a name the snapshot lacks.
+NOT_FOUND = 5
+
+
+def resource_errors(field_number: int, type_url: str, names: Iterable[str]) -> bytes:
+    """`resource_errors` entries (DiscoveryResponse field 7, DeltaDiscoveryResponse field 9), one
+    ResourceError{resource_name: ResourceName{name}, error_detail: Status{code, message}} per
+    name the client asked for and the snapshot lacks."""
+    out = []
+    for name in names:
+        message = _not_found(type_url, name)
+        status = b"\x08" + encode_varint(NOT_FOUND) + encode_len_field(2, message)
+        error = encode_len_field(1, encode_len_field(1, name.encode())) + encode_len_field(
+            2, status
+        )
+        out.append(encode_len_field(field_number, error))
+    return b"".join(out)
+
+
+def _not_found(type_url: str, name: str) -> bytes:
+    shown = repr(bounded(name, 200))
+    if type_url == LISTENER:
+        return (
+            f"no Listener {shown}: no Service port of this control plane is named by it "
+            "(a proxyless gRPC target is svc.ns:port, svc.ns.svc:port, "
+            "svc.ns.svc.<cluster domain>:port or ClusterIP:port of an HTTP-family port)"
+        ).encode()
+    return (
+        f"no {short_name(type_url)} resource {shown} in this control plane's configuration".encode()
+    )
 
 
 class InvalidRequest(ValueError):
@@ -254,6 +290,22 @@ class TypeStateBase:
     def look_at_everything(self) -> None:
         self.pending = None
 
+    def missing(self, snapshot: SnapshotLike) -> tuple[str, ...]:
+        """The names asked for by name that the snapshot lacks (sorted), but endpoints: a missing
+        assignment is answered with an empty one (see `wanted`)."""
+        if self.type_url == ENDPOINT or not self.sub.names:
+            return ()
+        available = self.available(snapshot)
+        return tuple(sorted(n for n in self.sub.names if n != WILDCARD and n not in available))
+
+    def available(self, snapshot: SnapshotLike) -> Mapping[str, Resource]:
+        """The resources of the type a client may be sent: the snapshot's, and for Listeners
+        also the API listeners it names (never to a mere wildcard: see `API_LISTENER`)."""
+        items = snapshot.of_type(self.type_url)
+        if self.type_url != LISTENER or not self.sub.names:
+            return items
+        return NamedListeners(items, snapshot.of_type(API_LISTENER), self.sub)
+
     def held(self, name: str) -> str | None:
         """The version the client holds (or will, once the response in flight is ACKed)."""
         raise NotImplementedError
@@ -268,7 +320,7 @@ class TypeStateBase:
         holds its CDS ACK, and after a reconnect its CDS request, until a new cluster has warmed,
         and without endpoints it would wait out its fetch timeout while the server waits for that
         ACK to send the cluster's removal."""
-        available = snapshot.of_type(self.type_url)
+        available = self.available(snapshot)
         sub = self.sub
         empty_if_missing = self.type_url == ENDPOINT
 
@@ -346,7 +398,12 @@ class StreamBase(Generic[S, Q, R]):
     def note(self, changes: Changes | None) -> None:
         """Records what publishes changed (None: unknown) for the types this stream serves."""
         for type_url, state in self.types.items():
-            state.note(None if changes is None else changes.get(type_url, NO_NAMES))
+            if changes is None:
+                state.note(None)
+            elif type_url == LISTENER and API_LISTENER in changes:
+                state.note(changes.get(LISTENER, NO_NAMES) | changes[API_LISTENER])
+            else:
+                state.note(changes.get(type_url, NO_NAMES))
 
     def on_snapshot(self, snapshot: SnapshotLike, changes: Changes | None = None) -> list[R]:
         """Responses for a new snapshot. `changes` is what changed since the snapshot this stream
@@ -485,7 +542,7 @@ class StreamBase(Generic[S, Q, R]):
         else:
             look = pending | state.deferred
         changes, later = state.rejections.vet(look, wanted, held)
-        available = snapshot.of_type(state.type_url)
+        available = state.available(snapshot)
         removed = []
         empties = set(state.empties - look) if state.empties else set()
         for name in look:
@@ -515,13 +572,21 @@ class StreamBase(Generic[S, Q, R]):
         return plan, removed
 
     @staticmethod
-    def _in_step(state: S, plan: Plan, count_after: int, available: Mapping[str, Resource]) -> bool:
+    def _in_step(
+        state: S,
+        plan: Plan,
+        count_after: int,
+        available: Mapping[str, Resource],
+        snapshot: SnapshotLike,
+    ) -> bool:
         """Whether, after this response, the client holds exactly the snapshot's resources of the
         type: nothing held back and the snapshot's number of names. Every name it holds is then at
         the snapshot's version, since a change to a subscribed name is always looked at, so the
-        snapshot's own mapping can stand for what it holds (no per-stream copy)."""
+        snapshot's own mapping can stand for what it holds (no per-stream copy). A client of
+        API listeners never is: it holds what it named, not a snapshot's mapping."""
         return (
-            not plan.later
+            available is snapshot.of_type(state.type_url)
+            and not plan.later
             and not state.deferred
             and not plan.empties
             and not state.rejections.quarantine
@@ -566,6 +631,37 @@ def _describe(state: TypeStateBase) -> TypeStatus:
         else {"version": nack.version, "message": nack.message, "at": nack.at},
         "rejected_resources": dict(sorted(state.rejections.quarantine.items())),
     }
+
+
+class NamedListeners(Mapping[str, Resource]):
+    """The Listeners a client that names some may be sent: the snapshot's, and the API listeners
+    among the names it asked for (all of those it may name when it is not a wildcard subscriber,
+    only those it named when it is). Read-only and built per look: nothing is copied."""
+
+    def __init__(
+        self, listeners: Mapping[str, Resource], api: Mapping[str, Resource], sub: Subscription
+    ) -> None:
+        self._listeners = listeners
+        self._api = api
+        self._sub = sub
+
+    def __getitem__(self, name: str) -> Resource:
+        found = self._listeners.get(name)
+        if found is not None:
+            return found
+        if self._sub.wildcard and name not in self._sub.names:
+            raise KeyError(name)
+        return self._api[name]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._listeners
+        if self._sub.wildcard:
+            yield from (name for name in self._sub.names if name in self._api)
+        else:
+            yield from self._api
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 class SharedEncodings:

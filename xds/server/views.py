@@ -22,7 +22,15 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from xds.cache import Changes, Snapshot
-from xds.resources import ADS_ORDER, CLUSTER, LISTENER, Resource, format_version, version_share
+from xds.resources import (
+    API_LISTENER,
+    CLUSTER,
+    LISTENER,
+    SNAPSHOT_TYPES,
+    Resource,
+    format_version,
+    version_share,
+)
 
 
 class Variant(NamedTuple):
@@ -35,8 +43,8 @@ class Variant(NamedTuple):
     @property
     def rewritten_types(self) -> tuple[str, ...]:
         if self.scope is not None:
-            return ADS_ORDER
-        return (CLUSTER, LISTENER) if self.api_type is not None else ()
+            return SNAPSHOT_TYPES
+        return (CLUSTER, LISTENER, API_LISTENER) if self.api_type is not None else ()
 
 
 # A resource as a variant's clients see it; None when they do not see it at all.
