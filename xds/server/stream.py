@@ -96,13 +96,11 @@ def _not_found(type_url: str, name: str) -> bytes:
     shown = repr(bounded(name, 200))
     if type_url == LISTENER:
         return (
-            f"no Listener {shown}: no Service port of this control plane is named by it "
-            "(a proxyless gRPC target is svc.ns:port, svc.ns.svc:port, "
+            f"Listener {shown} does not exist: no Service port of this control plane is named "
+            "by it (a proxyless gRPC target is svc.ns:port, svc.ns.svc:port, "
             "svc.ns.svc.<cluster domain>:port or ClusterIP:port of an HTTP-family port)"
         ).encode()
-    return (
-        f"no {short_name(type_url)} resource {shown} in this control plane's configuration".encode()
-    )
+    return f"{short_name(type_url)} resource {shown} does not exist in this control plane".encode()
 
 
 class InvalidRequest(ValueError):
