@@ -45,9 +45,7 @@ class Client:
         channel = self._channels.get(target)
         if channel is None:
             channel = self._channels[target] = grpc.insecure_channel(target)
-        return channel.unary_unary(
-            GRPC_METHOD, request_serializer=_raw, response_deserializer=_raw
-        )
+        return channel.unary_unary(GRPC_METHOD, request_serializer=_raw, response_deserializer=_raw)
 
     def call(self, target: str, count: int, timeout: float) -> dict[str, Any]:
         who = self._who(target)
@@ -88,7 +86,12 @@ class Client:
             misses = misses + 1 if name != backend else 0
             if not present and misses >= calls:
                 return {"found": True, "calls": made, "seconds": time.monotonic() - started}
-        return {"found": False, "calls": made, "seconds": time.monotonic() - started, "error": error}
+        return {
+            "found": False,
+            "calls": made,
+            "seconds": time.monotonic() - started,
+            "error": error,
+        }
 
 
 def main() -> None:
