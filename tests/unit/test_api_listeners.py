@@ -236,3 +236,16 @@ def test_scoped_clients_see_the_api_listeners_of_the_services_they_may_see():
     # team-b naming team-a's target is told it does not exist.
     [response] = SotwStream().on_message(lds(("echo.team-a:50051",)), team_b)
     assert response.resources == () and response.missing == ("echo.team-a:50051",)
+
+
+def test_clients_naming_the_same_targets_share_one_encoding():
+    from xds.server.stream import SHARED
+
+    cache = Cache()
+    assert cache.publish(translate(mesh(echo("10.1.0.1")), Settings()).resources)
+    built = SHARED.built
+    for _ in range(50):
+        [response] = SotwStream().on_message(lds(("echo.demo:50051",)), cache.snapshot)
+        assert response.complete
+        response.encode()
+    assert SHARED.built - built <= 1  # one (or none, if an earlier test built it): not 50
