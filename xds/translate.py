@@ -853,8 +853,16 @@ class Translator:
                 continue
             name = cluster_name(service.key, port)
             protocol = port_protocol(port)
-            if service.type == "ExternalName":
+            if service.type == "ExternalName" and external is not None:
                 clusters.append(self._external_cluster(external, port, protocol, name, options))
+            elif service.type == "ExternalName":
+                # A refused target: the cluster stays (routes and tcp_proxy name it) with no
+                # endpoint, as an EDS cluster whose assignment is empty (gRPC, unlike Envoy,
+                # refuses a STATIC cluster).
+                clusters.append(self._eds_cluster(protocol, name, options))
+                assignments.append(
+                    self._assignment(service, (), port, name, problems, options.scope)
+                )
             else:
                 clusters.append(self._eds_cluster(protocol, name, options))
                 assignments.append(
@@ -961,25 +969,18 @@ class Translator:
 
     def _external_cluster(
         self,
-        target: str | None,
+        target: str,
         port: ServicePort,
         protocol: PortProtocol,
         name: str,
         options: _ClusterOptions,
     ) -> Resource:
-        if target is None:
-            # A refused target: the cluster stays (routes and tcp_proxy name it), with no host.
-            cluster = cluster_pb2.Cluster(
-                name=name,
-                type=cluster_pb2.Cluster.STATIC,
-                load_assignment=endpoint_pb2.ClusterLoadAssignment(cluster_name=name),
-            )
-            self._finish_cluster(cluster, protocol, options)
-            return Resource.from_message(name, cluster, (), *_marks(options.scope))
-        # An ExternalName is a DNS alias: clients reach the external host on the service port.
+        # An ExternalName is a DNS alias (a CNAME): clients reach the external host on the
+        # service port, each new connection at an address the name resolves to then. That is
+        # LOGICAL_DNS, which gRPC's clients also take (they refuse STRICT_DNS).
         cluster = cluster_pb2.Cluster(
             name=name,
-            type=cluster_pb2.Cluster.STRICT_DNS,
+            type=cluster_pb2.Cluster.LOGICAL_DNS,
             dns_lookup_family=cluster_pb2.Cluster.V4_PREFERRED,
             load_assignment=endpoint_pb2.ClusterLoadAssignment(
                 cluster_name=name,

@@ -461,10 +461,11 @@ def test_external_names_on_the_proxys_own_node_are_refused(target: str):
         "spec.externalName",
     )
     assert "--allow-endpoints" in problem.message
-    # The cluster stays (routes name it) with no host to send anything to.
+    # The cluster stays (routes name it) with no host to send anything to: an EDS cluster with
+    # an empty assignment, which gRPC's clients accept as well as Envoy.
     refused = cluster(out, "team-a/alias:http")
-    assert refused.type == cluster_pb2.Cluster.STATIC
-    assert len(refused.load_assignment.endpoints) == 0
+    assert refused.type == cluster_pb2.Cluster.EDS
+    assert endpoints(out, "team-a/alias:http") == []
     assert "alias.team-a" in {
         d
         for v in decode(out.resources[ROUTE]["http:80"]).virtual_hosts
@@ -479,7 +480,7 @@ def test_other_external_names_are_served(target: str):
     out = translate(mesh(external(target)), Settings())
     assert out.problems == ()
     served = cluster(out, "team-a/alias:http")
-    assert served.type == cluster_pb2.Cluster.STRICT_DNS
+    assert served.type == cluster_pb2.Cluster.LOGICAL_DNS
     [locality] = served.load_assignment.endpoints
     assert locality.lb_endpoints[0].endpoint.address.socket_address.address == target
 
