@@ -285,7 +285,7 @@ def test_every_service_kind_is_translated():
     for name in ("default/np:http", "default/lb:http"):
         assert decode(out.resources[CLUSTER][name]).type == cluster_pb2.Cluster.EDS
     external = decode(out.resources[CLUSTER]["default/ext:http"])
-    assert external.type == cluster_pb2.Cluster.STRICT_DNS
+    assert external.type == cluster_pb2.Cluster.LOGICAL_DNS
     [locality] = external.load_assignment.endpoints
     address = locality.lb_endpoints[0].endpoint.address.socket_address
     assert (address.address, address.port_value) == ("db.example.com", 80)
