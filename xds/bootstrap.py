@@ -1,9 +1,11 @@
-"""Envoy bootstrap generation: a static cluster for the control plane, all else over ADS.
+"""Bootstrap generation: Envoy's (a static cluster for the control plane, all else over ADS) and
+that of proxyless gRPC clients (`grpc_bootstrap`, the GRPC_XDS_BOOTSTRAP file).
 
 With TLS (`BootstrapTLS`), the control plane's cluster speaks TLS (mTLS: Envoy presents a client
 certificate) whose certificate, key and CA come through file-based SDS: two SDS files in a
 directory Envoy watches (`watched_directory`) name the PEM files, so renewed certificates are
 picked up without a restart. `sds_files` gives their content (`xds bootstrap --write-sds`).
+A gRPC client reads and re-reads the PEM files itself (`GrpcTLS`): no SDS files.
 """
 
 from __future__ import annotations
@@ -253,3 +255,104 @@ def bootstrap_text(**kwargs: Any) -> str:
     """The bootstrap as JSON, which Envoy reads as YAML too. Not YAML itself: Envoy's YAML parser
     takes bare words like `n`, `no` or `on` for booleans, so a node id like that would break it."""
     return json.dumps(bootstrap(**kwargs), indent=2) + "\n"
+
+
+@dataclass(frozen=True)
+class GrpcTLS:
+    """A proxyless gRPC client's TLS material for the control plane: the CA that signed the
+    control plane's certificate and, for mTLS, the client's certificate and key. gRPC reads the
+    PEM files itself and re-reads them every 10 minutes (the `tls` channel credentials of gRFC
+    A65, a file-watcher certificate provider underneath)."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError(
+                "a client certificate needs its private key, and a key its certificate"
+            )
+
+    @classmethod
+    def of(cls, tls: BootstrapTLS) -> GrpcTLS:
+        """The files an Envoy bootstrapped with `tls` would use: mTLS, the same certificate."""
+        return cls(ca=tls.ca_path, cert=tls.cert_path, key=tls.key_path)
+
+    def channel_creds(self) -> dict[str, Any]:
+        # Absolute: the client resolves a relative path against its working directory.
+        config = {"ca_certificate_file": _absolute(self.ca)}
+        if self.cert is not None and self.key is not None:
+            config["certificate_file"] = _absolute(self.cert)
+            config["private_key_file"] = _absolute(self.key)
+        return {"type": "tls", "config": config}
+
+
+def _server_uri(address: str) -> str:
+    """HOST:PORT as a gRPC target: an IPv6 address in brackets, whether or not it came in them."""
+    host, port = parse_address(address)
+    try:
+        v6 = ipaddress.ip_address(host).version == 6
+    except ValueError:
+        v6 = False
+    return f"[{host}]:{port}" if v6 else f"{host}:{port}"
+
+
+def grpc_bootstrap(
+    node_id: str,
+    xds_address: str,
+    *,
+    node_cluster: str | None = None,
+    region: str | None = None,
+    zone: str | None = None,
+    sub_zone: str | None = None,
+    namespace: str | None = None,
+    tls: GrpcTLS | BootstrapTLS | None = None,
+) -> dict[str, Any]:
+    """The bootstrap of a proxyless gRPC client (grpcio, grpc-java, grpc-go, grpc-js-xds) as a
+    dict in the GRPC_XDS_BOOTSTRAP JSON shape (gRFC A27; `tls` channel credentials: A65). The
+    locality keys and the cluster appear only when given; `namespace` goes into the node's
+    metadata as `NAMESPACE`, where namespace scoping (`xds serve --scope namespace`) reads it.
+    Raises ValueError, one line, for a value the control plane would refuse or misread."""
+    # Imported here: they bring protobuf, which the Envoy bootstrap goes without.
+    from xds.scopes import NAMESPACE_KEY, NAMESPACE_NAME, node_namespace
+    from xds.server.stream import MAX_NODE_FIELD
+
+    # The control plane refuses a stream whose node id or cluster is longer (INVALID_ARGUMENT).
+    if not node_id:
+        raise ValueError("the node id is empty")
+    for what, value in (("node id", node_id), ("node cluster", node_cluster or "")):
+        if len(value) > MAX_NODE_FIELD:
+            raise ValueError(
+                f"the {what} is {len(value)} characters: the control plane accepts at most "
+                f"{MAX_NODE_FIELD}"
+            )
+    node: dict[str, Any] = {"id": node_id}
+    if node_cluster:
+        node["cluster"] = node_cluster
+    # proto3: an empty string is no value, so an empty key is left out like a missing one.
+    locality = {k: v for k, v in (("region", region), ("zone", zone), ("sub_zone", sub_zone)) if v}
+    if locality:
+        node["locality"] = locality
+    if namespace is not None:
+        if not NAMESPACE_NAME.fullmatch(namespace):
+            raise ValueError(f"namespace {namespace!r} is not a Kubernetes namespace name")
+        # The control plane takes the namespace from the metadata and from a node id of the form
+        # NAME.NAMESPACE; when the two differ it takes neither (xds.scopes.claimed_namespace).
+        named = node_namespace(node_id)
+        if named is not None and named != namespace:
+            raise ValueError(
+                f"node id {node_id!r} names namespace {named!r}, not {namespace!r}: the control "
+                "plane would scope the client to neither"
+            )
+        node["metadata"] = {NAMESPACE_KEY: namespace}
+    if isinstance(tls, BootstrapTLS):
+        tls = GrpcTLS.of(tls)
+    server = {
+        "server_uri": _server_uri(xds_address),
+        "channel_creds": [{"type": "insecure"} if tls is None else tls.channel_creds()],
+        # The control plane speaks xDS v3 only; clients from before v2 was dropped ask for v2
+        # unless the server lists this feature.
+        "server_features": ["xds_v3"],
+    }
+    return {"xds_servers": [server], "node": node}

@@ -1,4 +1,5 @@
-"""The `xds` command: serve, bootstrap, translate, status, demo.
+"""The `xds` command: serve, bootstrap (Envoy's, or with --grpc a proxyless gRPC client's),
+translate, status, demo.
 
 Conventions every subcommand shares: the global options (`--log-level`, `--log-format`) go before
 or after the subcommand; a usage error is one line on stderr and exit 2; every log record is one
@@ -380,41 +381,71 @@ def build_parser() -> argparse.ArgumentParser:
         "behind one NAT share an address)",
     )
 
-    boot = commands.add_parser("bootstrap", help="print an Envoy bootstrap for this control plane")
+    boot = commands.add_parser(
+        "bootstrap",
+        help="print an Envoy bootstrap for this control plane (with --grpc: a proxyless gRPC "
+        "client's GRPC_XDS_BOOTSTRAP file)",
+    )
+    boot.add_argument(
+        "--grpc",
+        action="store_true",
+        help="the bootstrap of a proxyless gRPC client (grpcio, grpc-java, grpc-go, grpc-js-xds) "
+        "instead of Envoy's",
+    )
     boot.add_argument("--node-id", required=True)
-    boot.add_argument("--node-cluster", default="xds-proxies")
+    # Envoy-only options default to None: given with --grpc, they are refused, not ignored.
+    boot.add_argument(
+        "--node-cluster",
+        "--cluster",
+        help="the node's cluster (default xds-proxies for Envoy, none for --grpc)",
+    )
     boot.add_argument("--xds-address", required=True, metavar="HOST:PORT")
-    boot.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (loopback)")
+    boot.add_argument(
+        "--admin-port", type=int, help="Envoy admin port (loopback; default 9901; not --grpc)"
+    )
     boot.add_argument(
         "--otel-collector",
         metavar="HOST:PORT",
-        help="an OTLP/gRPC collector for request traces: defines the cluster otel_collector",
+        help="an OTLP/gRPC collector for request traces: defines the cluster otel_collector "
+        "(not --grpc)",
     )
     boot.add_argument(
         "--tls-dir",
         metavar="DIR",
         help="mTLS to the control plane, with certificates through file-based SDS: the directory "
         "Envoy watches, holding the SDS files (see --write-sds) and by default ca.crt, tls.crt "
-        "and tls.key (default: plaintext)",
+        "and tls.key (default: plaintext; with --grpc: the PEM files only, no SDS files)",
     )
     boot.add_argument(
-        "--tls-ca", metavar="PATH", help="the control plane's CA (default DIR/ca.crt)"
+        "--tls-ca",
+        metavar="PATH",
+        help="the control plane's CA (default DIR/ca.crt; with --grpc and no --tls-dir: TLS "
+        "with this CA, mTLS with --tls-cert and --tls-key too)",
     )
     boot.add_argument(
-        "--tls-cert", metavar="PATH", help="Envoy's client certificate (default DIR/tls.crt)"
+        "--tls-cert",
+        metavar="PATH",
+        help="Envoy's (or the gRPC client's) certificate (default DIR/tls.crt)",
     )
     boot.add_argument("--tls-key", metavar="PATH", help="its private key (default DIR/tls.key)")
     boot.add_argument(
         "--write-sds",
         action="store_true",
-        help="also write the SDS files naming those paths into --tls-dir",
+        help="also write the SDS files naming those paths into --tls-dir (not --grpc)",
     )
     boot.add_argument(
         "--mode",
-        default="ads",
         choices=("ads", "xds", "delta-ads", "delta"),
         help="ads: one state-of-the-world stream (default); xds: one stream per type; "
-        "delta-ads and delta: the same with incremental xDS",
+        "delta-ads and delta: the same with incremental xDS (not --grpc: gRPC uses ADS)",
+    )
+    boot.add_argument("--region", help="the node's locality region (--grpc only)")
+    boot.add_argument("--zone", help="the node's locality zone (--grpc only)")
+    boot.add_argument("--sub-zone", help="the node's locality sub-zone (--grpc only)")
+    boot.add_argument(
+        "--namespace",
+        help="the client's namespace, as node metadata NAMESPACE, which xds serve --scope "
+        "namespace reads (--grpc only)",
     )
 
     translate = commands.add_parser(
@@ -500,7 +531,32 @@ def _serve(settings: Settings) -> int:
     return 0
 
 
+# The bootstrap options of one kind of client only, each with its argparse destination.
+_ENVOY_ONLY = {
+    "--admin-port": "admin_port",
+    "--mode": "mode",
+    "--otel-collector": "otel_collector",
+    "--write-sds": "write_sds",
+}
+_GRPC_ONLY = {
+    "--region": "region",
+    "--zone": "zone",
+    "--sub-zone": "sub_zone",
+    "--namespace": "namespace",
+}
+
+
+def _given(args: argparse.Namespace, options: dict[str, str]) -> list[str]:
+    # None (or False, for a flag) is what argparse leaves for an option not given.
+    return [option for option, dest in options.items() if getattr(args, dest) not in (None, False)]
+
+
 def _bootstrap(args: argparse.Namespace) -> int:
+    if args.grpc:
+        return _grpc_bootstrap(args)
+    if given := _given(args, _GRPC_ONLY):
+        raise ValueError(f"{', '.join(given)}: for a gRPC client's bootstrap (--grpc) only")
+
     from xds.bootstrap import BootstrapTLS, bootstrap_text, write_sds_files
 
     tls = None
@@ -515,10 +571,10 @@ def _bootstrap(args: argparse.Namespace) -> int:
         raise ValueError("--tls-ca, --tls-cert, --tls-key and --write-sds need --tls-dir")
     text = bootstrap_text(
         node_id=args.node_id,
-        node_cluster=args.node_cluster,
+        node_cluster="xds-proxies" if args.node_cluster is None else args.node_cluster,
         xds_address=args.xds_address,
-        admin_port=args.admin_port,
-        mode=args.mode,
+        admin_port=9901 if args.admin_port is None else args.admin_port,
+        mode=args.mode or "ads",
         otel_collector=args.otel_collector,
         tls=tls,
     )
@@ -526,6 +582,43 @@ def _bootstrap(args: argparse.Namespace) -> int:
         for path in write_sds_files(tls):
             log.info("wrote %s", path)
     print(text, end="")
+    return 0
+
+
+def _grpc_bootstrap(args: argparse.Namespace) -> int:
+    """The GRPC_XDS_BOOTSTRAP JSON of a proxyless gRPC client. TLS: with --tls-dir, mTLS with the
+    files Envoy's bootstrap would name; without, --tls-ca alone is TLS, with --tls-cert and
+    --tls-key mTLS (a client needs no SDS directory)."""
+    if given := _given(args, _ENVOY_ONLY):
+        raise ValueError(f"{', '.join(given)}: for Envoy's bootstrap only, not with --grpc")
+
+    from xds.bootstrap import BootstrapTLS, GrpcTLS, grpc_bootstrap
+
+    tls: GrpcTLS | BootstrapTLS | None = None
+    if args.tls_dir is not None:
+        tls = BootstrapTLS(
+            Path(args.tls_dir),
+            ca=_optional_path(args.tls_ca),
+            cert=_optional_path(args.tls_cert),
+            key=_optional_path(args.tls_key),
+        )
+    elif args.tls_ca is not None:
+        tls = GrpcTLS(
+            Path(args.tls_ca), cert=_optional_path(args.tls_cert), key=_optional_path(args.tls_key)
+        )
+    elif args.tls_cert or args.tls_key:
+        raise ValueError("--tls-cert and --tls-key need --tls-ca or --tls-dir")
+    config = grpc_bootstrap(
+        args.node_id,
+        args.xds_address,
+        node_cluster=args.node_cluster,
+        region=args.region,
+        zone=args.zone,
+        sub_zone=args.sub_zone,
+        namespace=args.namespace,
+        tls=tls,
+    )
+    print(json.dumps(config, indent=2))
     return 0
 
 

@@ -34,7 +34,8 @@ SERVICE_ACCOUNT_KEY = "SERVICE_ACCOUNT"
 EVERY_NAMESPACE = "*"
 # A list of namespaces is bounded like any tenant-written value: 64 namespaces of 16 characters.
 MAX_EXPORT_TO_CHARS = 1024
-_NAMESPACE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+# A Kubernetes namespace name: a DNS label.
+NAMESPACE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 T = TypeVar("T")
 Exports = frozenset[str]
@@ -49,7 +50,7 @@ def parse_export_to(value: str, own_namespace: str) -> Exports:
         entry = raw.strip()
         if entry == ".":
             continue
-        if entry != EVERY_NAMESPACE and not _NAMESPACE.fullmatch(entry):
+        if entry != EVERY_NAMESPACE and not NAMESPACE_NAME.fullmatch(entry):
             shown = repr(entry) if len(entry) <= 40 else repr(entry[:40]) + "..."
             raise ValueError(
                 f"{shown} is not a namespace name, '.' (its own namespace) or '*' (every namespace)"
