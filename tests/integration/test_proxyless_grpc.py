@@ -132,7 +132,9 @@ def address(name: str) -> str:
 
 
 @pytest.fixture
-async def proxyless(tmp_path: Path) -> AsyncIterator[Proxyless]:
+async def proxyless(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Proxyless]:
+    """The control plane, four gRPC backends (three in the EndpointSlice), an Envoy (ADS, or the
+    mode the test's parameter names) and a proxyless client process."""
     directory = tmp_path / "manifests"
     directory.mkdir()
     backend_port = free_port()
@@ -159,7 +161,7 @@ async def proxyless(tmp_path: Path) -> AsyncIterator[Proxyless]:
     bootstrap.write_text(
         json.dumps(grpc_bootstrap(NODE_ID, f"127.0.0.1:{ports.xds}", zone="zone-a"))
     )
-    envoy = Envoy(f"127.0.0.1:{ports.xds}", workdir=tmp_path)
+    envoy = Envoy(f"127.0.0.1:{ports.xds}", workdir=tmp_path, mode=getattr(request, "param", "ads"))
     session = aiohttp.ClientSession()
     client: ClientProcess | None = None
     try:
@@ -202,6 +204,7 @@ async def through_envoy(envoy_port: int, count: int) -> list[str]:
         return [(await who(b"", timeout=10)).decode() for _ in range(count)]
 
 
+@pytest.mark.parametrize("proxyless", ["ads", "delta-ads"], indirect=True)
 async def test_grpc_round_robins_and_envoy_randomizes_over_one_cluster(proxyless: Proxyless):
     reply = await proxyless.client.ask(op="call", target=TARGET, count=300, timeout=30)
     assert reply["error"] is None
