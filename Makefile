@@ -47,6 +47,7 @@ test: lint
 bench: install
 	$(BIN)/python bench/snapshot_build.py
 	$(BIN)/python bench/propagation.py --mode ads --mode delta-ads
+	$(BIN)/python bench/grpc_propagation.py
 	$(BIN)/python bench/tracing_overhead.py
 	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/fleet.py --delta
