@@ -86,8 +86,7 @@ class Resource:
     type_url: str
     name: str
     version: str  # content hash of `body`
-    body: bytes  # the resource message, serialized deterministically
-    any_bytes: bytes  # google.protobuf.Any wrapping `body`
+    any_bytes: bytes  # google.protobuf.Any wrapping `body`, what responses carry
     # (type_url, name) of every resource this one needs to work: a cluster's endpoints, a listener's
     # routes. The cache refuses a snapshot in which one is missing.
     refs: tuple[tuple[str, str], ...] = ()
@@ -110,7 +109,7 @@ class Resource:
         `salt` stands for `detail` in the version: equal details must give equal salts."""
         any_bytes = encode_len_field(1, type_url.encode()) + encode_len_field(2, body)
         version = content_hash(type_url, body, salt) if salt else content_hash(type_url, body)
-        return cls(type_url, name, version, body, any_bytes, refs, detail)
+        return cls(type_url, name, version, any_bytes, refs, detail)
 
     @classmethod
     def from_message(
@@ -124,6 +123,22 @@ class Resource:
         type_url = PREFIX + message.DESCRIPTOR.full_name
         body = message.SerializeToString(deterministic=True)
         return cls.from_bytes(type_url, name, body, refs, detail, salt)
+
+    @property
+    def body(self) -> bytes:
+        """The resource message, serialized deterministically: `any_bytes` without the Any's
+        framing, cut out when asked (only display and tests ask; responses send `any_bytes`, and
+        keeping both held every resource's bytes twice)."""
+        data = self.any_bytes
+        position = len(encode_len_field(1, self.type_url.encode())) + 1  # Any.value's tag (0x12)
+        length = shift = 0
+        while True:
+            byte = data[position]
+            position += 1
+            length |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return data[position : position + length]
+            shift += 7
 
     def to_any(self) -> any_pb2.Any:
         return any_pb2.Any(type_url=self.type_url, value=self.body)

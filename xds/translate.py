@@ -1153,10 +1153,15 @@ def _api_listener_field(port: int) -> bytes:
     return encode_len_field(19, wrapper.SerializeToString(deterministic=True))
 
 
+@functools.lru_cache(maxsize=4096)
+def _api_listener_refs(port: int) -> tuple[tuple[str, str], ...]:
+    return ((ROUTE, route_name(port)),)
+
+
 def api_listener(target: str, port: int, scope: ServiceScope | None = None) -> Resource:
     """The API listener a gRPC client asks for by its target `host:port` (module docstring)."""
     body = encode_len_field(1, target.encode()) + _api_listener_field(port)
-    return Resource.from_bytes(LISTENER, target, body, ((ROUTE, route_name(port)),), *_marks(scope))
+    return Resource.from_bytes(LISTENER, target, body, _api_listener_refs(port), *_marks(scope))
 
 
 def _address(
