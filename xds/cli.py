@@ -18,9 +18,12 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from xds.config import LB_POLICIES, SCOPES, Settings, parse_cidr
+
+if TYPE_CHECKING:  # imported where used: bootstrap is not loaded by the other commands
+    from xds.bootstrap import BootstrapTLS
 
 log = logging.getLogger(__name__)
 
@@ -557,17 +560,10 @@ def _bootstrap(args: argparse.Namespace) -> int:
     if given := _given(args, _GRPC_ONLY):
         raise ValueError(f"{', '.join(given)}: for a gRPC client's bootstrap (--grpc) only")
 
-    from xds.bootstrap import BootstrapTLS, bootstrap_text, write_sds_files
+    from xds.bootstrap import bootstrap_text, write_sds_files
 
-    tls = None
-    if args.tls_dir is not None:
-        tls = BootstrapTLS(
-            Path(args.tls_dir),
-            ca=_optional_path(args.tls_ca),
-            cert=_optional_path(args.tls_cert),
-            key=_optional_path(args.tls_key),
-        )
-    elif args.tls_ca or args.tls_cert or args.tls_key or args.write_sds:
+    tls = _tls_dir(args)
+    if tls is None and (args.tls_ca or args.tls_cert or args.tls_key or args.write_sds):
         raise ValueError("--tls-ca, --tls-cert, --tls-key and --write-sds need --tls-dir")
     text = bootstrap_text(
         node_id=args.node_id,
@@ -585,6 +581,20 @@ def _bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls_dir(args: argparse.Namespace) -> BootstrapTLS | None:
+    """The TLS files of --tls-dir (each replaced by --tls-ca, --tls-cert, --tls-key if given)."""
+    from xds.bootstrap import BootstrapTLS
+
+    if args.tls_dir is None:
+        return None
+    return BootstrapTLS(
+        Path(args.tls_dir),
+        ca=_optional_path(args.tls_ca),
+        cert=_optional_path(args.tls_cert),
+        key=_optional_path(args.tls_key),
+    )
+
+
 def _grpc_bootstrap(args: argparse.Namespace) -> int:
     """The GRPC_XDS_BOOTSTRAP JSON of a proxyless gRPC client. TLS: with --tls-dir, mTLS with the
     files Envoy's bootstrap would name; without, --tls-ca alone is TLS, with --tls-cert and
@@ -592,21 +602,14 @@ def _grpc_bootstrap(args: argparse.Namespace) -> int:
     if given := _given(args, _ENVOY_ONLY):
         raise ValueError(f"{', '.join(given)}: for Envoy's bootstrap only, not with --grpc")
 
-    from xds.bootstrap import BootstrapTLS, GrpcTLS, grpc_bootstrap
+    from xds.bootstrap import GrpcTLS, grpc_bootstrap
 
-    tls: GrpcTLS | BootstrapTLS | None = None
-    if args.tls_dir is not None:
-        tls = BootstrapTLS(
-            Path(args.tls_dir),
-            ca=_optional_path(args.tls_ca),
-            cert=_optional_path(args.tls_cert),
-            key=_optional_path(args.tls_key),
-        )
-    elif args.tls_ca is not None:
+    tls: GrpcTLS | BootstrapTLS | None = _tls_dir(args)
+    if tls is None and args.tls_ca is not None:
         tls = GrpcTLS(
             Path(args.tls_ca), cert=_optional_path(args.tls_cert), key=_optional_path(args.tls_key)
         )
-    elif args.tls_cert or args.tls_key:
+    elif tls is None and (args.tls_cert or args.tls_key):
         raise ValueError("--tls-cert and --tls-key need --tls-ca or --tls-dir")
     config = grpc_bootstrap(
         args.node_id,
