@@ -177,6 +177,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         cluster_patch_namespaces=tuple(args.allow_cluster_patch or ()),
         scope=args.scope,
         mesh_wide_namespaces=tuple(args.mesh_wide_namespace or ()),
+        locality_aware=args.locality_aware,
         allowed_endpoint_ranges=tuple(args.allow_endpoints or ()),
     )
 
@@ -270,6 +271,13 @@ def _add_translation_options(parser: argparse.ArgumentParser, kubernetes: bool =
         metavar="NAMESPACE",
         help="with --scope namespace, clients of this namespace (node proxies) still see every "
         "Service; repeatable",
+    )
+    parser.add_argument(
+        "--locality-aware",
+        action="store_true",
+        help="keep every Service's traffic close: each client gets the endpoints of its zone "
+        "first, then of its region, then the rest (without it, only Services that ask: "
+        "spec.trafficDistribution, EndpointSlice hints, annotation xds.dev/locality-aware)",
     )
     parser.add_argument(
         "--allow-endpoints",

@@ -81,6 +81,10 @@ class Settings:
     # `xds.dev/export-to` annotation, except for clients in `mesh_wide_namespaces`.
     scope: str = "mesh"
     mesh_wide_namespaces: tuple[str, ...] = ()
+    # Keep every Service's traffic close (xds.localities): each client gets endpoints of its own
+    # zone first, then its region, then the rest. Without it, only Services that ask for it do
+    # (spec.trafficDistribution, EndpointSlice hints, the `xds.dev/locality-aware` annotation).
+    locality_aware: bool = False
     # Clients on per-type streams are told to fetch endpoints and routes through this cluster.
     xds_cluster_name: str = XDS_CLUSTER_NAME
 

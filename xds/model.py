@@ -55,6 +55,8 @@ class Service:
     external_name: str | None = None
     # Sorted (key, value) pairs, so the Service stays hashable and compares by content.
     annotations: tuple[tuple[str, str], ...] = ()
+    # `spec.trafficDistribution` (PreferClose, PreferSameZone, PreferSameNode), None when unset.
+    traffic_distribution: str | None = None
     key: ServiceKey = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -87,6 +89,8 @@ class Endpoint:
     region: str | None = None
     node_name: str | None = None
     hostname: str | None = None
+    # EndpointSlice `hints.forZones`: the zones whose clients should use this endpoint.
+    zone_hints: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -188,6 +188,15 @@ class RouteScope:
     hosts: Contributions[bytes]
 
 
+def service_scope(detail: object) -> ServiceScope | None:
+    """The Service scope a resource's detail carries: the detail itself, or the one a detail of
+    another concern holds as its `scope` (`xds.localities.LocalityAware`)."""
+    if isinstance(detail, ServiceScope):
+        return detail
+    inner = getattr(detail, "scope", None)
+    return inner if isinstance(inner, ServiceScope) else None
+
+
 def fingerprint(text: str) -> int:
     """A stable 128-bit number for a detail's text, combined with XOR into a salt."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=16).digest(), "big")
@@ -260,7 +269,7 @@ class ScopeIndex:
         self._exported[type_url].pop(name, None)
         if resource is None:
             return
-        scope = resource.detail if isinstance(resource.detail, ServiceScope) else None
+        scope = service_scope(resource.detail)
         if scope is None or scope.exports:
             self._exported[type_url][name] = scope
         if scope is not None:

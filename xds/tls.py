@@ -23,11 +23,12 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import grpc
 
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
+from xds.localities import Locality
 from xds.scopes import (
     NAMESPACE_KEY,
     SERVICE_ACCOUNT_KEY,
@@ -325,8 +326,9 @@ def identity_allows(
     return f"node {quoted} claims {claim}, but the client presented {peer.describe()}"
 
 
-def first_node(request: bytes, delta: bool) -> tuple[str, dict[str, Any]]:
-    """The node id and metadata of a stream's first request (raises DecodeError)."""
+def first_node(request: bytes, delta: bool) -> FirstNode:
+    """The node of a stream's first request, as far as views and the identity check read it
+    (raises DecodeError)."""
     message: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
     if delta:
         message = discovery_pb2.DeltaDiscoveryRequest.FromString(request)
@@ -338,7 +340,20 @@ def first_node(request: bytes, delta: bool) -> tuple[str, dict[str, Any]]:
         field = node.metadata.fields.get(key)
         if field is not None and field.WhichOneof("kind") == "string_value":
             metadata[key] = field.string_value
-    return node.id, metadata
+    region, zone = node.locality.region, node.locality.zone
+    named = (region or zone) and max(len(region), len(zone)) <= MAX_LOCALITY_FIELD
+    return FirstNode(node.id, metadata, Locality(region, zone) if named else None)
+
+
+class FirstNode(NamedTuple):
+    id: str
+    metadata: dict[str, Any]
+    locality: Locality | None  # None when the node names no region or zone
+
+
+# Cloud regions and zones are short (`europe-west1-b`); a label value is at most 63 characters.
+# A locality is a view's key, kept while its clients are: a longer one is taken for none.
+MAX_LOCALITY_FIELD = 128
 
 
 class IdentityGate:

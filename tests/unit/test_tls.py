@@ -276,12 +276,23 @@ def test_first_node_reads_id_and_istio_metadata_of_either_variant():
     }
     sotw = discovery_pb2.DiscoveryRequest(type_url=CLUSTER, node=node).SerializeToString()
     delta = discovery_pb2.DeltaDiscoveryRequest(type_url=CLUSTER, node=node).SerializeToString()
-    expected = ("node-1", {"NAMESPACE": "team-a", "SERVICE_ACCOUNT": "envoy"})
+    expected = ("node-1", {"NAMESPACE": "team-a", "SERVICE_ACCOUNT": "envoy"}, None)
     assert first_node(sotw, delta=False) == expected
     assert first_node(delta, delta=True) == expected
-    assert first_node(b"", delta=False) == ("", {})
+    assert first_node(b"", delta=False) == ("", {}, None)
     with pytest.raises(DecodeError):
         first_node(b"\xff\xff", delta=False)
+
+
+def test_first_node_reads_the_locality_and_takes_an_oversized_one_for_none():
+    def locality_of(**locality: str) -> object:
+        request = discovery_pb2.DiscoveryRequest(node={"id": "n", "locality": locality})
+        return first_node(request.SerializeToString(), delta=False).locality
+
+    assert locality_of(region="eu", zone="eu-a", sub_zone="rack-1") == ("eu", "eu-a")
+    assert locality_of(zone="eu-a") == ("", "eu-a")
+    assert locality_of(sub_zone="rack-1") is None
+    assert locality_of(zone="z" * 129) is None
 
 
 def test_identity_gate_skips_streams_without_a_client_certificate_and_logs_a_pair_once(caplog):

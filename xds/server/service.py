@@ -20,6 +20,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from xds.cache import Cache, Snapshot
+from xds.localities import for_locality
 from xds.resources import ADS_ORDER, CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource
 from xds.scopes import ScopeIndex
 from xds.server.callbacks import Callbacks
@@ -122,11 +123,7 @@ class DiscoveryServer:
         self.scoping = scoping
         self._per_type_rewrite = per_type_rewrite
         self._scope_index = ScopeIndex(cache.changes_since)
-        self._views = (
-            Views(self._rewrite, cache.changes_since, self._candidates)
-            if per_type_rewrite is not None or scoping is not None
-            else None
-        )
+        self._views = Views(self._rewrite, cache.changes_since, self._candidates)
         self._variant_streams: Counter[Variant] = Counter()
         # Either variant: /debug/syncz and the subscription count read only what both have.
         self.streams: dict[int, StreamBase[Any, Any, Any]] = {}
@@ -143,6 +140,8 @@ class DiscoveryServer:
         shown: Resource | None = resource
         if variant.scope is not None and self.scoping is not None:
             shown = self.scoping.rewrite(resource, variant.scope)
+        if shown is not None and variant.locality is not None:
+            shown = for_locality(shown, variant.locality)
         if shown is not None and variant.api_type is not None and self._per_type_rewrite:
             shown = self._per_type_rewrite(shown, variant.api_type)
         return shown
@@ -262,7 +261,7 @@ class DiscoveryServer:
         def current() -> tuple[Snapshot | SnapshotView, int]:
             # The snapshot and its serial, read together: no await in between.
             snapshot, serial = self.cache.snapshot, self.cache.published
-            if variant == MESH_WIDE_ADS or self._views is None:
+            if variant == MESH_WIDE_ADS:
                 return snapshot, serial
             return self._views.view(snapshot, variant, serial), serial
 
@@ -319,22 +318,22 @@ class DiscoveryServer:
                 if request is grpc.aio.EOF:
                     return
                 try:
-                    if first and (self.identity is not None or self.scoping is not None):
+                    if first:
                         # The first request carries the node (Envoy sends it only then): nothing
                         # is answered before the node is known to be the certificate's, and its
-                        # scope is known.
-                        node_id, metadata = first_node(
-                            cast(bytes, request), isinstance(stream, DeltaStream)
-                        )
+                        # view (scope, locality) is known.
+                        node = first_node(cast(bytes, request), isinstance(stream, DeltaStream))
                         if self.identity is not None:
                             refusal = self.identity.check(
-                                context.auth_context(), node_id, metadata, stream.peer
+                                context.auth_context(), node.id, node.metadata, stream.peer
                             )
                             if refusal is not None:
                                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
                         if self.scoping is not None:
-                            stream.scope = self.scoping.scope_of(node_id, metadata)
-                            variant = Variant(api_type, stream.scope)
+                            stream.scope = self.scoping.scope_of(node.id, node.metadata)
+                        stream.locality = node.locality
+                        variant = Variant(api_type, stream.scope, node.locality)
+                        if variant != MESH_WIDE_ADS:
                             self._variant_streams[variant] += 1
                             counted = True
                     first = False
@@ -378,8 +377,7 @@ class DiscoveryServer:
                 self._variant_streams[variant] -= 1
                 if not self._variant_streams[variant]:
                     del self._variant_streams[variant]
-                    if self._views is not None:
-                        self._views.release(variant)
+                    self._views.release(variant)
             self._index.remove(stream_id, list(stream.types))
             if not self._wakers and self._dispatcher is not None:
                 # Nobody left to wake: no task outlives the last stream (or the event loop).

@@ -42,6 +42,7 @@ from typing import Generic, TypedDict, TypeVar
 
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.cache import Changes, SnapshotLike
+from xds.localities import Locality
 from xds.resources import (
     ADS_ORDER,
     API_LISTENER,
@@ -156,6 +157,8 @@ class StreamStatus(TypedDict):
     peer: str
     # The namespace whose view the client gets ("" when it names none); None: the whole mesh.
     scope: str | None
+    # The node's locality ({"region", "zone"}), by which endpoints are prioritized; None: none.
+    locality: dict[str, str] | None
     connected_at: float  # unix time
     types: dict[str, TypeStatus]
 
@@ -379,6 +382,7 @@ class StreamBase(Generic[S, Q, R]):
         self.node_id = ""
         self.node_cluster = ""
         self.scope: str | None = None  # set by the server from the first request's node
+        self.locality: Locality | None = None  # likewise
         self._max_node_field = max_node_field
         self.types: dict[str, S] = {}
         self._nonces = itertools.count(1)
@@ -607,6 +611,7 @@ class StreamBase(Generic[S, Q, R]):
             "node_cluster": self.node_cluster,
             "peer": self.peer,
             "scope": self.scope,
+            "locality": None if self.locality is None else self.locality._asdict(),
             "connected_at": self.opened_at,
             "types": {short_name(url): _describe(s) for url, s in self.types.items()},
         }

@@ -9,6 +9,8 @@ Two things make a variant (`Variant`):
   server", so clusters and listeners are rewritten for such clients.
 - Scoped clients (`xds.scopes`): every type is filtered to what the client's namespace may see,
   and listeners and route configurations are rebuilt from the visible Services.
+- Clients that name their locality (`xds.localities`): the endpoints of Services that keep
+  traffic close are prioritized by closeness to it.
 
 Views are derived lazily, once a client of the variant asks, and only for the resources that
 changed since the variant's last view; a resource left as it is keeps its shared bytes.
@@ -22,9 +24,11 @@ from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from xds.cache import Changes, Snapshot
+from xds.localities import Locality
 from xds.resources import (
     API_LISTENER,
     CLUSTER,
+    ENDPOINT,
     LISTENER,
     SNAPSHOT_TYPES,
     Resource,
@@ -35,16 +39,21 @@ from xds.resources import (
 
 class Variant(NamedTuple):
     """How a client's view differs from the snapshot: its per-type API type (GRPC, DELTA_GRPC;
-    None for ADS) and its scope (a namespace, "" for none named; None for mesh-wide)."""
+    None for ADS), its scope (a namespace, "" for none named; None for mesh-wide) and its
+    locality (None when its node names none)."""
 
     api_type: str | None = None
     scope: str | None = None
+    locality: Locality | None = None
 
     @property
     def rewritten_types(self) -> tuple[str, ...]:
         if self.scope is not None:
             return SNAPSHOT_TYPES
-        return (CLUSTER, LISTENER, API_LISTENER) if self.api_type is not None else ()
+        types = {CLUSTER, LISTENER, API_LISTENER} if self.api_type is not None else set()
+        if self.locality is not None:
+            types.add(ENDPOINT)
+        return tuple(t for t in SNAPSHOT_TYPES if t in types)
 
 
 # A resource as a variant's clients see it; None when they do not see it at all.

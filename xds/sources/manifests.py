@@ -91,6 +91,8 @@ CLUSTER_SCOPED_KINDS = frozenset(
     }
 )
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
+# spec.trafficDistribution values (Kubernetes 1.31 and 1.34); all keep traffic close by zone here.
+TRAFFIC_DISTRIBUTIONS = ("PreferClose", "PreferSameZone", "PreferSameNode")
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 
 # The API server's name rules. Names end up inside cluster names (`ns/name:port`) and Envoy stats
@@ -817,6 +819,14 @@ def _service(
     if not raw_ports and not portless_ok and not said:
         check.error("spec.ports", "a Service needs at least one port")
     ports = _service_ports(check, raw_ports)
+    traffic_distribution = check.string(spec.get("trafficDistribution"), "spec.trafficDistribution")
+    if traffic_distribution is not None and traffic_distribution not in TRAFFIC_DISTRIBUTIONS:
+        check.warning(
+            "spec.trafficDistribution",
+            f"must be one of {', '.join(TRAFFIC_DISTRIBUTIONS)}, got "
+            f"{_show(traffic_distribution)}; ignored (traffic is not kept close)",
+        )
+        traffic_distribution = None
 
     if check.failed:
         return None
@@ -829,6 +839,7 @@ def _service(
         type=service_type,
         external_name=external_name,
         annotations=annotations,
+        traffic_distribution=traffic_distribution,
     )
     return ManifestObject(oid, check.location, service.key, service=service)
 
@@ -931,6 +942,13 @@ def _endpoint_slice(
         serving = check.boolean(conditions.get("serving"), f"{at}.conditions.serving")
         terminating = check.boolean(conditions.get("terminating"), f"{at}.conditions.terminating")
         zone = check.string(entry.get("zone"), f"{at}.zone")
+        hints = check.mapping(entry.get("hints"), f"{at}.hints")
+        zone_hints: list[str] = []
+        for h, hint in enumerate(check.items(hints.get("forZones"), f"{at}.hints.forZones")):
+            hint_at = f"{at}.hints.forZones[{h}]"
+            name = check.string(check.mapping(hint, hint_at).get("name"), f"{hint_at}.name")
+            if name is not None:
+                zone_hints.append(name)
         node_name = check.string(entry.get("nodeName"), f"{at}.nodeName")
         hostname = check.string(entry.get("hostname"), f"{at}.hostname")
         if addresses and isinstance(addresses[0], str):
@@ -946,6 +964,7 @@ def _endpoint_slice(
                     zone=zone,
                     node_name=node_name,
                     hostname=hostname,
+                    zone_hints=tuple(zone_hints),
                 )
             )
     ports = _endpoint_ports(check, obj.get("ports"), "ports")
