@@ -227,10 +227,16 @@ def bootstrap(
     mode: str = "ads",
     otel_collector: str | None = None,
     tls: BootstrapTLS | None = None,
+    *,
+    region: str | None = None,
+    zone: str | None = None,
+    sub_zone: str | None = None,
+    namespace: str | None = None,
 ) -> dict[str, Any]:
     """The bootstrap as a dict in Envoy's JSON/YAML shape. With `otel_collector` (HOST:PORT of an
     OTLP/gRPC collector) it defines the cluster `otel_collector` that request tracing sends to
-    (`xds serve --tracing-cluster otel_collector`). With `tls`, xDS goes over mTLS."""
+    (`xds serve --tracing-cluster otel_collector`). With `tls`, xDS goes over mTLS. The node's
+    locality and namespace are those of `node_section`."""
     _check_loopback_admin(admin_address)
     xds_cluster = grpc_cluster(XDS_CLUSTER, xds_address)
     if tls is not None:
@@ -238,8 +244,18 @@ def bootstrap(
     clusters = [xds_cluster]
     if otel_collector is not None:
         clusters.append(grpc_cluster(OTEL_CLUSTER_NAME, otel_collector))
+    node: dict[str, Any] = {"id": node_id, "cluster": node_cluster}
+    if region or zone or sub_zone or namespace:
+        node = node_section(
+            node_id,
+            node_cluster=node_cluster,
+            region=region,
+            zone=zone,
+            sub_zone=sub_zone,
+            namespace=namespace,
+        )
     return {
-        "node": {"id": node_id, "cluster": node_cluster},
+        "node": node,
         "admin": {
             "address": {"socket_address": {"address": admin_address, "port_value": admin_port}}
         },
@@ -298,23 +314,20 @@ def _server_uri(address: str) -> str:
     return f"[{host}]:{port}" if v6 else f"{host}:{port}"
 
 
-def grpc_bootstrap(
+def node_section(
     node_id: str,
-    xds_address: str,
     *,
     node_cluster: str | None = None,
     region: str | None = None,
     zone: str | None = None,
     sub_zone: str | None = None,
     namespace: str | None = None,
-    tls: GrpcTLS | BootstrapTLS | None = None,
 ) -> dict[str, Any]:
-    """The bootstrap of a proxyless gRPC client (grpcio, grpc-java, grpc-go, grpc-js-xds) as a
-    dict in the GRPC_XDS_BOOTSTRAP JSON shape (gRFC A27; `tls` channel credentials: A65). The
-    locality keys and the cluster appear only when given; `namespace` goes into the node's
-    metadata as `NAMESPACE`, where namespace scoping (`xds serve --scope namespace`) reads it.
-    Raises ValueError, one line, for a value the control plane would refuse or misread."""
-    # Imported here: they bring protobuf, which the Envoy bootstrap goes without.
+    """A bootstrap's `node`, Envoy's or a gRPC client's: id, cluster, locality (only the keys
+    given: the control plane prioritizes endpoints by it, `xds.localities`) and, with
+    `namespace`, metadata NAMESPACE (read by namespace scoping). Raises ValueError, one line, for
+    a value the control plane would refuse or misread."""
+    # Imported here: they bring protobuf, which a plain Envoy bootstrap goes without.
     from xds.scopes import NAMESPACE_KEY, NAMESPACE_NAME, node_namespace
     from xds.server.stream import MAX_NODE_FIELD
 
@@ -346,6 +359,33 @@ def grpc_bootstrap(
                 "plane would scope the client to neither"
             )
         node["metadata"] = {NAMESPACE_KEY: namespace}
+    return node
+
+
+def grpc_bootstrap(
+    node_id: str,
+    xds_address: str,
+    *,
+    node_cluster: str | None = None,
+    region: str | None = None,
+    zone: str | None = None,
+    sub_zone: str | None = None,
+    namespace: str | None = None,
+    tls: GrpcTLS | BootstrapTLS | None = None,
+) -> dict[str, Any]:
+    """The bootstrap of a proxyless gRPC client (grpcio, grpc-java, grpc-go, grpc-js-xds) as a
+    dict in the GRPC_XDS_BOOTSTRAP JSON shape (gRFC A27; `tls` channel credentials: A65). The
+    locality keys and the cluster appear only when given; `namespace` goes into the node's
+    metadata as `NAMESPACE`, where namespace scoping (`xds serve --scope namespace`) reads it.
+    Raises ValueError, one line, for a value the control plane would refuse or misread."""
+    node = node_section(
+        node_id,
+        node_cluster=node_cluster,
+        region=region,
+        zone=zone,
+        sub_zone=sub_zone,
+        namespace=namespace,
+    )
     if isinstance(tls, BootstrapTLS):
         tls = GrpcTLS.of(tls)
     server = {

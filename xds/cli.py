@@ -450,13 +450,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="ads: one state-of-the-world stream (default); xds: one stream per type; "
         "delta-ads and delta: the same with incremental xDS (not --grpc: gRPC uses ADS)",
     )
-    boot.add_argument("--region", help="the node's locality region (--grpc only)")
-    boot.add_argument("--zone", help="the node's locality zone (--grpc only)")
-    boot.add_argument("--sub-zone", help="the node's locality sub-zone (--grpc only)")
+    boot.add_argument(
+        "--region", help="the node's locality region (locality-aware endpoints prefer it)"
+    )
+    boot.add_argument(
+        "--zone", help="the node's locality zone (locality-aware endpoints prefer it)"
+    )
+    boot.add_argument("--sub-zone", help="the node's locality sub-zone")
     boot.add_argument(
         "--namespace",
         help="the client's namespace, as node metadata NAMESPACE, which xds serve --scope "
-        "namespace reads (--grpc only)",
+        "namespace reads",
     )
 
     translate = commands.add_parser(
@@ -549,12 +553,6 @@ _ENVOY_ONLY = {
     "--otel-collector": "otel_collector",
     "--write-sds": "write_sds",
 }
-_GRPC_ONLY = {
-    "--region": "region",
-    "--zone": "zone",
-    "--sub-zone": "sub_zone",
-    "--namespace": "namespace",
-}
 
 
 def _given(args: argparse.Namespace, options: dict[str, str]) -> list[str]:
@@ -565,8 +563,6 @@ def _given(args: argparse.Namespace, options: dict[str, str]) -> list[str]:
 def _bootstrap(args: argparse.Namespace) -> int:
     if args.grpc:
         return _grpc_bootstrap(args)
-    if given := _given(args, _GRPC_ONLY):
-        raise ValueError(f"{', '.join(given)}: for a gRPC client's bootstrap (--grpc) only")
 
     from xds.bootstrap import bootstrap_text, write_sds_files
 
@@ -581,6 +577,10 @@ def _bootstrap(args: argparse.Namespace) -> int:
         mode=args.mode or "ads",
         otel_collector=args.otel_collector,
         tls=tls,
+        region=args.region,
+        zone=args.zone,
+        sub_zone=args.sub_zone,
+        namespace=args.namespace,
     )
     if tls is not None and args.write_sds:
         for path in write_sds_files(tls):

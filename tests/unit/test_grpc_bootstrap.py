@@ -271,11 +271,32 @@ def test_cli_refuses_bad_node_ids_and_addresses(node_id: str, address: str, mess
     assert result.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize("option", ["--region", "--zone", "--sub-zone", "--namespace"])
-def test_envoy_bootstrap_refuses_grpc_only_options(option: str) -> None:
-    result = xds("bootstrap", "--node-id", "n", "--xds-address", ADDRESS, option, "x")
-    assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr == f"xds: {option}: for a gRPC client's bootstrap (--grpc) only\n"
+def test_envoy_bootstrap_takes_the_locality_and_namespace_too() -> None:
+    """Envoy's node names its locality (locality-aware endpoints prefer it) and namespace too."""
+    result = xds(
+        "bootstrap",
+        "--node-id",
+        "envoy-1",
+        "--xds-address",
+        ADDRESS,
+        "--region",
+        "eu",
+        "--zone",
+        "eu-a",
+        "--namespace",
+        "team-a",
+    )
+    assert result.returncode == 0, result.stderr
+    node = json.loads(result.stdout)["node"]
+    assert node == {
+        "id": "envoy-1",
+        "cluster": "xds-proxies",
+        "locality": {"region": "eu", "zone": "eu-a"},
+        "metadata": {"NAMESPACE": "team-a"},
+    }
+    refused = xds("bootstrap", "--node-id", "n", "--xds-address", ADDRESS, "--namespace", "A B")
+    assert (refused.returncode, refused.stdout) == (2, "")
+    assert "not a Kubernetes namespace name" in refused.stderr
 
 
 def test_envoy_bootstrap_defaults_are_unchanged() -> None:
