@@ -158,13 +158,15 @@ class Backend:
         self.name, self.host, self.port = name, host, port
         self.requests = 0
         self.headers: list[dict[str, str]] = []
+        # The status every request is answered with: a test makes a backend fail with 503.
+        self.status = 200
         self._runner: web.AppRunner | None = None
 
     async def _handle(self, request: web.Request) -> web.Response:
         self.requests += 1
         if len(self.headers) < 100:
             self.headers.append(dict(request.headers))
-        return web.Response(text=self.name, headers={"x-backend": self.name})
+        return web.Response(text=self.name, status=self.status, headers={"x-backend": self.name})
 
     async def start(self) -> Backend:
         app = web.Application()

@@ -111,6 +111,9 @@ def test_only_services_that_ask_are_prioritized_and_get_failover_detection():
             detection = cluster.outlier_detection  # type: ignore[attr-defined]
             assert detection.consecutive_5xx.value == 3
             assert detection.max_ejection_percent.value == 100
+            merge_window = cluster.common_lb_config.update_merge_window  # type: ignore[attr-defined]
+            assert merge_window.ToTimedelta().total_seconds() == 0
+            assert cluster.common_lb_config.HasField("update_merge_window")  # type: ignore[attr-defined]
 
 
 def test_an_invalid_annotation_is_an_error_and_the_service_decides_by_its_spec():
