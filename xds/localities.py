@@ -6,7 +6,10 @@ PreferSameZone or PreferSameNode; EndpointSlice `hints.forZones`; the annotation
 says so for every Service. Translation then marks its ClusterLoadAssignments (`LocalityAware`),
 and a client whose node names a locality (`Locality`, from `node.locality`) gets them with a
 priority per locality (`for_locality`): its own zone 0, the rest of its region 1, everything else
-2, renumbered without gaps (a level with no endpoints is left out). Envoy sends to priority 0 while
+2, renumbered without gaps (a level with no endpoints is left out). With several Kubernetes
+clusters (`xds.sources.clusters`), an endpoint's locality names its cluster in `sub_zone`, and the
+client's own cluster (node metadata `CLUSTER_ID`) comes first: the same three levels in it, then in
+the others. Envoy sends to priority 0 while
 it is healthy enough and spills over by health (see the README on the overprovisioning factor);
 gRPC's clients fail over when a priority has no endpoint they can reach.
 
@@ -35,18 +38,24 @@ LOCALITY_SALT = b"locality-aware"
 
 
 class Locality(NamedTuple):
-    """Where a client is (its node's locality); "" for what it does not say."""
+    """Where a client is: its node's locality, and the Kubernetes cluster it runs in (node
+    metadata CLUSTER_ID, Istio's key); "" for what it does not say."""
 
     region: str = ""
     zone: str = ""
+    cluster: str = ""
 
-    def priority(self, region: str, zone: str) -> int:
-        """0 for an endpoint locality in the client's zone (and region, when both name one), 1 in
-        its region, 2 elsewhere."""
+    def priority(self, region: str, zone: str, cluster: str = "") -> int:
+        """For an endpoint locality in the client's own cluster (or when either names none):
+        0 in the client's zone (and region, when both name one), 1 in its region, 2 elsewhere;
+        in another cluster, 3, 4 and 5 likewise."""
         same_region = bool(self.region) and region == self.region
         if self.zone and zone == self.zone and (same_region or not self.region or not region):
-            return 0
-        return 1 if same_region else 2
+            level = 0
+        else:
+            level = 1 if same_region else 2
+        own = not self.cluster or not cluster or cluster == self.cluster
+        return level if own else 3 + level
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +72,10 @@ def for_locality(resource: Resource, client: Locality) -> Resource:
     if resource.type_url != ENDPOINT or not isinstance(resource.detail, LocalityAware):
         return resource
     assignment = endpoint_pb2.ClusterLoadAssignment.FromString(resource.body)
-    levels = [client.priority(e.locality.region, e.locality.zone) for e in assignment.endpoints]
+    levels = [
+        client.priority(e.locality.region, e.locality.zone, e.locality.sub_zone)
+        for e in assignment.endpoints
+    ]
     if not levels:
         return resource
     if len(set(levels)) == 1:

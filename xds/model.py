@@ -91,6 +91,9 @@ class Endpoint:
     hostname: str | None = None
     # EndpointSlice `hints.forZones`: the zones whose clients should use this endpoint.
     zone_hints: tuple[str, ...] = ()
+    # The Kubernetes cluster it runs in, when the control plane reads several (`xds.sources.
+    # clusters`); None with one.
+    cluster: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

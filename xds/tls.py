@@ -341,8 +341,14 @@ def first_node(request: bytes, delta: bool) -> FirstNode:
         if field is not None and field.WhichOneof("kind") == "string_value":
             metadata[key] = field.string_value
     region, zone = node.locality.region, node.locality.zone
-    named = (region or zone) and max(len(region), len(zone)) <= MAX_LOCALITY_FIELD
-    return FirstNode(node.id, metadata, Locality(region, zone) if named else None)
+    cluster_field = node.metadata.fields.get(CLUSTER_ID_KEY)
+    cluster = ""
+    if cluster_field is not None and cluster_field.WhichOneof("kind") == "string_value":
+        cluster = cluster_field.string_value
+    named = (region or zone or cluster) and max(
+        len(region), len(zone), len(cluster)
+    ) <= MAX_LOCALITY_FIELD
+    return FirstNode(node.id, metadata, Locality(region, zone, cluster) if named else None)
 
 
 class FirstNode(NamedTuple):
@@ -351,6 +357,8 @@ class FirstNode(NamedTuple):
     locality: Locality | None  # None when the node names no region or zone
 
 
+# Istio's node metadata key for the Kubernetes cluster a proxy runs in.
+CLUSTER_ID_KEY = "CLUSTER_ID"
 # Cloud regions and zones are short (`europe-west1-b`); a label value is at most 63 characters.
 # A locality is a view's key, kept while its clients are: a longer one is taken for none.
 MAX_LOCALITY_FIELD = 128

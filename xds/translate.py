@@ -1121,9 +1121,9 @@ class Translator:
         problems: list[Problem],
         options: _ClusterOptions,
     ) -> Resource:
-        by_locality: dict[tuple[str, str], dict[tuple[str, int], health_check_pb2.HealthStatus]] = (
-            defaultdict(dict)
-        )
+        by_locality: dict[
+            tuple[str, str, str], dict[tuple[str, int], health_check_pb2.HealthStatus]
+        ] = defaultdict(dict)
         for group in groups:
             number = _resolve_port(service, port, group, problems)
             if number is None:
@@ -1135,14 +1135,16 @@ class Translator:
                     health = health_check_pb2.DRAINING
                 else:
                     continue
-                locality = (endpoint.region or "", endpoint.zone or "")
+                # The Kubernetes cluster an endpoint is in goes into its locality's sub-zone
+                # (`xds.localities`): one locality per cluster, region and zone.
+                locality = (endpoint.region or "", endpoint.zone or "", endpoint.cluster or "")
                 existing = by_locality[locality].get((endpoint.address, number))
                 # The same address in two slices (a slice being replaced): the healthier wins.
                 if existing is None or health == health_check_pb2.HEALTHY:
                     by_locality[locality][(endpoint.address, number)] = health
         localities = [
-            (region, zone, sorted(endpoints.items()))
-            for (region, zone), endpoints in sorted(by_locality.items())
+            (region, zone, cluster, sorted(endpoints.items()))
+            for (region, zone, cluster), endpoints in sorted(by_locality.items())
         ]
         body = encode_assignment(name, localities)
         return Resource.from_bytes(ENDPOINT, name, body, (), *self._assignment_marks(options))
@@ -1748,13 +1750,14 @@ _SHORT_SOCKET = 120
 
 
 def encode_assignment(
-    name: str, localities: Sequence[tuple[str, str, Sequence[tuple[tuple[str, int], int]]]]
+    name: str,
+    localities: Sequence[tuple[str, str, str, Sequence[tuple[tuple[str, int], int]]]],
 ) -> bytes:
     """A ClusterLoadAssignment, serialized by hand: the biggest part of a build is endpoints, and
     framing their few fields directly costs a fraction of building messages. The bytes are those
     of protobuf's deterministic serialization (fields in number order, defaults left out), which
-    `tests/unit/test_translate.py` checks. `localities`: (region, zone, [((address, port),
-    health)]), in order.
+    `tests/unit/test_translate.py` checks. `localities`: (region, zone, sub-zone, [((address,
+    port), health)]), in order.
 
     Every locality carries a `load_balancing_weight`: its number of HEALTHY endpoints, at least 1.
     gRPC's clients drop a locality without one, and split traffic between localities by weight
@@ -1763,12 +1766,14 @@ def encode_assignment(
     endpoints count for nothing: gRPC picks none of them, as Envoy does not. The priority is 0,
     the default (so not on the wire)."""
     out = [encode_len_field(1, name.encode())] if name else []  # cluster_name
-    for region, zone, endpoints in localities:
+    for region, zone, sub_zone, endpoints in localities:
         locality = b""
         if region:
             locality += encode_len_field(1, region.encode())  # Locality.region
         if zone:
             locality += encode_len_field(2, zone.encode())  # Locality.zone
+        if sub_zone:
+            locality += encode_len_field(3, sub_zone.encode())  # Locality.sub_zone
         body = [encode_len_field(1, locality)]  # LocalityLbEndpoints.locality
         healthy = 0
         for (address, port), health in endpoints:

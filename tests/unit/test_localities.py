@@ -233,3 +233,39 @@ def test_a_priority_assignment_parses_as_envoy_reads_it():
     parsed = endpoint_pb2.ClusterLoadAssignment.FromString(shown.body)
     assert sorted({e.priority for e in parsed.endpoints}) == [0, 1, 2]
     assert parsed.cluster_name == NAME
+
+
+def test_a_client_prefers_its_own_cluster_then_the_others():
+    def endpoint(address: str, zone: str, cluster: str) -> Endpoint:
+        return Endpoint(address, region="eu", zone=zone, cluster=cluster)
+
+    group = EndpointGroup(
+        "EndpointSlice default/web",
+        (EndpointPort(8080, "http"),),
+        (
+            endpoint("10.1.0.1", "eu-a", "east"),
+            endpoint("10.1.0.2", "eu-b", "east"),
+            endpoint("10.2.0.1", "eu-a", "west"),
+            endpoint("10.2.0.2", "eu-c", "west"),
+        ),
+    )
+    out = translate(mesh(ServiceEntry(service("web"), (group,))), Settings(locality_aware=True))
+    assignment = out.resources[ENDPOINT][NAME]
+    shown = decode(for_locality(assignment, Locality("eu", "eu-a", "east")))
+    levels = {
+        (e.locality.sub_zone, e.locality.zone): e.priority
+        for e in shown.endpoints  # type: ignore[attr-defined]
+    }
+    assert levels == {
+        ("east", "eu-a"): 0,
+        ("east", "eu-b"): 1,
+        ("west", "eu-a"): 2,
+        ("west", "eu-c"): 3,
+    }
+    # A client that names no cluster takes every cluster for its own.
+    flat = decode(for_locality(assignment, Locality("eu", "eu-a")))
+    assert {e.locality.zone: e.priority for e in flat.endpoints} == {  # type: ignore[attr-defined]
+        "eu-a": 0,
+        "eu-b": 1,
+        "eu-c": 1,
+    }

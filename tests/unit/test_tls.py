@@ -285,14 +285,20 @@ def test_first_node_reads_id_and_istio_metadata_of_either_variant():
 
 
 def test_first_node_reads_the_locality_and_takes_an_oversized_one_for_none():
-    def locality_of(**locality: str) -> object:
-        request = discovery_pb2.DiscoveryRequest(node={"id": "n", "locality": locality})
+    def locality_of(cluster: str | None = None, **locality: str) -> object:
+        node: dict[str, object] = {"id": "n", "locality": locality}
+        if cluster is not None:
+            node["metadata"] = {"CLUSTER_ID": cluster}
+        request = discovery_pb2.DiscoveryRequest(node=node)
         return first_node(request.SerializeToString(), delta=False).locality
 
-    assert locality_of(region="eu", zone="eu-a", sub_zone="rack-1") == ("eu", "eu-a")
-    assert locality_of(zone="eu-a") == ("", "eu-a")
+    assert locality_of(region="eu", zone="eu-a", sub_zone="rack-1") == ("eu", "eu-a", "")
+    assert locality_of(zone="eu-a") == ("", "eu-a", "")
+    assert locality_of("east", zone="eu-a") == ("", "eu-a", "east")
+    assert locality_of("east") == ("", "", "east")
     assert locality_of(sub_zone="rack-1") is None
     assert locality_of(zone="z" * 129) is None
+    assert locality_of("c" * 129, zone="eu-a") is None
 
 
 def test_identity_gate_skips_streams_without_a_client_certificate_and_logs_a_pair_once(caplog):

@@ -310,6 +310,7 @@ def test_hand_encoded_assignments_are_protobufs_deterministic_bytes() -> None:
             (
                 rng.choice(["", "eu", "région-ü"]),
                 rng.choice(["", "a", "zone-" + "z" * rng.randint(0, 200)]),
+                rng.choice(["", "east", "cluster-" + "c" * rng.randint(0, 200)]),
                 [
                     (
                         (
@@ -325,10 +326,10 @@ def test_hand_encoded_assignments_are_protobufs_deterministic_bytes() -> None:
         ]
         name = rng.choice(["", "ns/s:http", "n" * 300])
         message = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
-        for region, zone, endpoints in localities:
+        for region, zone, sub_zone, endpoints in localities:
             message.endpoints.append(
                 endpoint_components_pb2.LocalityLbEndpoints(
-                    locality=base_pb2.Locality(region=region, zone=zone),
+                    locality=base_pb2.Locality(region=region, zone=zone, sub_zone=sub_zone),
                     lb_endpoints=[
                         endpoint_components_pb2.LbEndpoint(
                             endpoint=endpoint_components_pb2.Endpoint(
