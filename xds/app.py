@@ -13,7 +13,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import grpc
 from aiohttp import web
@@ -31,6 +31,7 @@ from xds.server.callbacks import CallbackList
 from xds.server.service import DiscoveryServer, ServerLimits, start_server
 from xds.server.tracing import TracingCallbacks
 from xds.server.views import Scoping
+from xds.sources.clusters import ClusterSet, Member, Watch
 from xds.sources.files import ManifestSource
 from xds.sources.health import SourceHealth
 from xds.tls import CertificateReloader, IdentityGate, ServerTLS, log_transport
@@ -53,11 +54,17 @@ class Ports:
 class ControlPlane:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        if settings.kubernetes == bool(settings.manifests):
+        if not settings.clusters and settings.kubernetes == bool(settings.manifests):
             raise ValueError("configure exactly one source: manifests, or the Kubernetes API")
         self.metrics = Metrics()
-        self.source: ManifestSource | KubeSource
-        if settings.kubernetes:
+        self.source: ManifestSource | KubeSource | ClusterSet
+        if settings.clusters:
+            self.source = self._cluster_set(settings)
+            clusters = self.source
+            self.metrics.watch_clusters(
+                lambda: (clusters.names, clusters.stale(), clusters.dropped())
+            )
+        elif settings.kubernetes:
             # Imported here: the kubernetes client is slow to import and manifests don't need it.
             from xds.sources.kube import KubeSettings, KubeSource
 
@@ -129,6 +136,30 @@ class ControlPlane:
         self._health: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
+    def _cluster_set(self, settings: Settings) -> ClusterSet:
+        members: list[tuple[str, Member, Watch]] = []
+        for cluster in settings.clusters:
+            health = SourceHealth(f"cluster {cluster.name}", on_error=self.metrics.source_error)
+            if cluster.kube_context is not None:
+                from xds.sources.kube import KubeSettings, KubeSource
+
+                kube = KubeSource(
+                    KubeSettings(
+                        kubeconfig=settings.kubeconfig,
+                        context=cluster.kube_context,
+                        namespaces=settings.namespaces,
+                        watch_timeout_s=settings.kube_watch_timeout_s,
+                        read_timeout_s=settings.kube_read_timeout_s,
+                    ),
+                    on_relist=self.metrics.relisted,
+                    health=health,
+                )
+                members.append((cluster.name, kube, kube.watch))
+            else:
+                files = ManifestSource(list(cluster.manifests), health=health)
+                members.append((cluster.name, files, files.watch))
+        return ClusterSet(members, stale_after_s=settings.cluster_stale_limit_s)
+
     def source_changed(self) -> None:
         """A source saw a change: a rebuild follows once events quiet down (or the bound hits).
         The first event of a burst opens the trace that follows the change to every client."""
@@ -164,6 +195,15 @@ class ControlPlane:
         if isinstance(self.source, ManifestSource):
             self.source.reload()
             await self.rebuild()
+        elif isinstance(self.source, ClusterSet):
+            members = [member for _, member in self.source.members]
+            for member in members:
+                if isinstance(member, ManifestSource):
+                    member.reload()
+                else:
+                    cast("KubeSource", member).connect()
+            if all(isinstance(member, ManifestSource) for member in members):
+                await self.rebuild()  # Kubernetes members publish once synced, as alone
         else:
             self.source.connect()  # a missing kubeconfig is a clear error now, not a dead task
         try:

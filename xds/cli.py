@@ -14,13 +14,14 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from xds.config import LB_POLICIES, SCOPES, Settings, parse_cidr
+from xds.config import LB_POLICIES, SCOPES, ClusterSource, Settings, parse_cidr
 
 if TYPE_CHECKING:  # imported where used: bootstrap is not loaded by the other commands
     from xds.bootstrap import BootstrapTLS
@@ -150,9 +151,11 @@ def _add_global_options(parser: argparse.ArgumentParser, with_defaults: bool) ->
 def _settings(args: argparse.Namespace) -> Settings:
     return Settings(
         manifests=tuple(Path(p) for p in args.manifests or ()),
+        clusters=_clusters(args),
+        cluster_stale_limit_s=getattr(args, "cluster_stale_limit", None) or None,
         kubernetes=getattr(args, "kubernetes", False),
         kubeconfig=getattr(args, "kubeconfig", None),
-        kube_context=getattr(args, "context", None),
+        kube_context=_single_context(args),
         namespaces=tuple(getattr(args, "namespace", None) or ()),
         xds_host=getattr(args, "xds_host", "127.0.0.1"),
         xds_port=getattr(args, "xds_port", 18000),
@@ -182,6 +185,40 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
+def _cluster_manifests(text: str) -> tuple[str, Path]:
+    name, equals, path = text.partition("=")
+    if not equals or not _CLUSTER_NAME.fullmatch(name) or not path:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not NAME=PATH (a cluster name: lowercase letters, digits and '-')"
+        )
+    if not Path(path).exists():
+        raise argparse.ArgumentTypeError(f"{path!r} does not exist")
+    return name, Path(path)
+
+
+_CLUSTER_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _clusters(args: argparse.Namespace) -> tuple[ClusterSource, ...]:
+    """--cluster NAME=PATH (paths of one name together), or one cluster per --context given
+    more than once."""
+    given: list[tuple[str, Path]] = getattr(args, "cluster", None) or []
+    if given:
+        by_name: dict[str, list[Path]] = {}
+        for name, path in given:
+            by_name.setdefault(name, []).append(path)
+        return tuple(ClusterSource(name, tuple(paths)) for name, paths in by_name.items())
+    contexts: list[str] = getattr(args, "context", None) or []
+    if len(contexts) > 1:
+        return tuple(ClusterSource(context, kube_context=context) for context in contexts)
+    return ()
+
+
+def _single_context(args: argparse.Namespace) -> str | None:
+    contexts: list[str] = getattr(args, "context", None) or []
+    return contexts[0] if len(contexts) == 1 else None
+
+
 def _optional_path(text: str | None) -> Path | None:
     return None if text is None else Path(text)
 
@@ -199,6 +236,14 @@ def _add_translation_options(parser: argparse.ArgumentParser, kubernetes: bool =
         + ("'-' reads standard input; " if stdin else "")
         + "repeatable",
     )
+    sources.add_argument(
+        "--cluster",
+        action="append",
+        type=_cluster_manifests,
+        metavar="NAME=PATH",
+        help="the manifest file or directory of one of several clusters, joined by namespace "
+        "sameness (each endpoint in its cluster's locality); repeatable, also per cluster",
+    )
     if kubernetes:
         sources.add_argument(
             "--kubernetes",
@@ -207,7 +252,20 @@ def _add_translation_options(parser: argparse.ArgumentParser, kubernetes: bool =
             "in-cluster in a pod, else ~/.kube/config)",
         )
         parser.add_argument("--kubeconfig", metavar="PATH", help="kubeconfig file")
-        parser.add_argument("--context", metavar="NAME", help="kubeconfig context")
+        parser.add_argument(
+            "--context",
+            action="append",
+            metavar="NAME",
+            help="kubeconfig context; repeated, one cluster per context, joined as --cluster",
+        )
+        parser.add_argument(
+            "--cluster-stale-limit",
+            type=float,
+            default=Settings.cluster_stale_limit_s,
+            metavar="SECONDS",
+            help="with several clusters, how long a failing cluster's last endpoints stay "
+            "served (default 3600; 0: for ever)",
+        )
         parser.add_argument(
             "--namespace",
             action="append",
@@ -493,6 +551,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop after this many requests (default: run until Ctrl-C)",
     )
     demo.add_argument("--rate", type=float, default=200.0, help="requests per second")
+    demo.add_argument(
+        "--zones",
+        action="store_true",
+        help="locality-aware routing instead: four backends in zone-a and zone-b, an Envoy in"
+        " zone-a, and phases in which zone-a fails and recovers (exit 1 when a request fails"
+        " outside the failing phase)",
+    )
+    demo.add_argument(
+        "--phase-seconds",
+        type=float,
+        metavar="S",
+        help="with --zones: how long the healthy and the failing phase last (default 5)",
+    )
     for command in commands.choices.values():
         _add_global_options(command, with_defaults=False)
     return parser
@@ -517,7 +588,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from xds.demo import run_demo
 
-            return run_demo(requests=args.requests, rate=args.rate)
+            return run_demo(
+                requests=args.requests,
+                rate=args.rate,
+                zones=args.zones,
+                phase_seconds=args.phase_seconds,
+            )
     except ValueError as exc:  # a setting that cannot work: a usage error
         print(f"xds: {one_line(str(exc))}", file=sys.stderr)
         return 2

@@ -15,6 +15,16 @@ OTEL_CLUSTER_NAME = "otel_collector"
 
 
 @dataclass(frozen=True)
+class ClusterSource:
+    """One Kubernetes cluster of several (`xds.sources.clusters`): its manifest files or
+    directories, or its kubeconfig context."""
+
+    name: str
+    manifests: tuple[Path, ...] = ()
+    kube_context: str | None = None
+
+
+@dataclass(frozen=True)
 class Settings:
     # Where configuration comes from: manifest files or directories (the embedded default), or
     # the Kubernetes API (in-cluster config unless a kubeconfig or context is given).
@@ -27,6 +37,11 @@ class Settings:
     # longer than the read timeout (no event, no bookmark) is taken for dead and replaced.
     kube_watch_timeout_s: int = 300
     kube_read_timeout_s: float = 330.0
+    # Several clusters read as one mesh (namespace sameness, `xds.sources.clusters`), instead of
+    # `manifests` or `kubernetes` alone. A cluster whose source fails keeps its last endpoints
+    # served for this long, then they are dropped (None: never).
+    clusters: tuple[ClusterSource, ...] = ()
+    cluster_stale_limit_s: float | None = 3600.0
 
     # Serving.
     xds_host: str = "127.0.0.1"
@@ -131,6 +146,16 @@ class Settings:
             raise ValueError("mesh-wide namespaces (--mesh-wide-namespace) need --scope namespace")
         if any(not namespace for namespace in self.mesh_wide_namespaces):
             raise ValueError("mesh_wide_namespaces: a namespace cannot be empty")
+        names = [cluster.name for cluster in self.clusters]
+        if len(set(names)) != len(names):
+            raise ValueError("cluster names must be unique")
+        for cluster in self.clusters:
+            if bool(cluster.manifests) == (cluster.kube_context is not None):
+                raise ValueError(f"cluster {cluster.name}: give manifests or a context, not both")
+        if self.clusters and self.manifests:
+            raise ValueError("give clusters, or one source (manifests or the Kubernetes API)")
+        if self.cluster_stale_limit_s is not None and self.cluster_stale_limit_s <= 0:
+            raise ValueError("cluster_stale_limit_s must be positive (None: never drop)")
         if self.debounce_quiet_s < 0 or self.debounce_max_s < self.debounce_quiet_s:
             raise ValueError("need 0 <= debounce_quiet_s <= debounce_max_s")
 

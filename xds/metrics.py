@@ -75,6 +75,32 @@ class _SourceState(Collector):
         yield degraded_family
 
 
+class _ClusterState(Collector):
+    """Gauges read when scraped: per cluster, how long its source has been failing (0 when it
+    works) and whether its endpoints are dropped for it."""
+
+    def __init__(self, clusters: Callable[[], tuple[list[str], dict[str, float], list[str]]]):
+        self._clusters = clusters
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        names, stale, dropped = self._clusters()
+        stale_family = GaugeMetricFamily(
+            "xds_cluster_stale_seconds",
+            "How long a cluster's source has failed, its last endpoints served meanwhile (0: ok)",
+            labels=["cluster"],
+        )
+        dropped_family = GaugeMetricFamily(
+            "xds_cluster_dropped",
+            "1 when a cluster's endpoints are no longer served (failing past the stale limit)",
+            labels=["cluster"],
+        )
+        for name in names:
+            stale_family.add_metric([name], stale.get(name, 0.0))
+            dropped_family.add_metric([name], 1.0 if name in dropped else 0.0)
+        yield stale_family
+        yield dropped_family
+
+
 class _TransportState(Collector):
     """Counters kept by the TLS objects, read when scraped."""
 
@@ -180,6 +206,13 @@ class Metrics(Callbacks):
         """`health()` gives the source's name, how many of its parts are failing and how many
         serve their last good input (a configured path gone), read at scrape time."""
         self.registry.register(_SourceState(health))
+
+    def watch_clusters(
+        self, clusters: Callable[[], tuple[list[str], dict[str, float], list[str]]]
+    ) -> None:
+        """`clusters()` gives the clusters' names, how long each failing one has failed and which
+        are dropped, read at scrape time (with several clusters only)."""
+        self.registry.register(_ClusterState(clusters))
 
     def watch_transport(self, counts: Callable[[], tuple[int, int, int]]) -> None:
         """`counts()` gives certificate reloads, reload failures and identity refusals so far,
