@@ -54,6 +54,7 @@ from aiohttp import web
 SERVICES = "services"
 ENDPOINTS = "endpoints"
 ENDPOINTSLICES = "endpointslices"
+NODES = "nodes"
 
 DISCOVERY_GROUP = "discovery.k8s.io"
 
@@ -68,6 +69,7 @@ class ResourceType:
     group: str
     singular: str
     short_names: tuple[str, ...] = ()
+    namespaced: bool = True
 
     @property
     def list_kind(self) -> str:
@@ -80,6 +82,7 @@ RESOURCES: dict[str, ResourceType] = {
     ENDPOINTSLICES: ResourceType(
         ENDPOINTSLICES, "EndpointSlice", "discovery.k8s.io/v1", DISCOVERY_GROUP, "endpointslice"
     ),
+    NODES: ResourceType(NODES, "Node", "v1", "", "node", ("no",), namespaced=False),
 }
 
 _VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
@@ -376,10 +379,13 @@ class KubeAPIServer:
         stored = copy.deepcopy(obj)
         stored["kind"], stored["apiVersion"] = rtype.kind, rtype.api_version
         meta = stored.setdefault("metadata", {})
-        meta.setdefault("namespace", "default")
+        if rtype.namespaced:
+            meta.setdefault("namespace", "default")
+        else:
+            meta.pop("namespace", None)
         if not meta.get("name"):
             raise ValueError("metadata.name is required")
-        return (resource, meta["namespace"], meta["name"]), stored
+        return (resource, meta.get("namespace", ""), meta["name"]), stored
 
     def _commit(self, key: Key, kind: str, stored: dict[str, Any]) -> str:
         self._rv += 1
@@ -589,9 +595,9 @@ class KubeAPIServer:
         if rtype is None or rtype.group != group or len(rest) > 2:
             return self._not_found(request)
         if len(rest) == 2:
-            if namespace is None:
+            if rtype.namespaced == (namespace is None):
                 return self._not_found(request)
-            return self._get_one(rtype, namespace, rest[1])
+            return self._get_one(rtype, namespace or "", rest[1])
         if _true(request.query.get("watch")):
             return await self._watch(request, rtype, namespace)
         return self._list(request, rtype, namespace)
@@ -611,7 +617,7 @@ class KubeAPIServer:
             {
                 "name": r.name,
                 "singularName": r.singular,
-                "namespaced": True,
+                "namespaced": r.namespaced,
                 "kind": r.kind,
                 "verbs": _VERBS,
                 **({"shortNames": list(r.short_names)} if r.short_names else {}),
@@ -693,7 +699,9 @@ class KubeAPIServer:
             if initial:
                 for obj in self.objects(rtype.name, namespace):
                     meta = obj["metadata"]
-                    backlog.append(Event(self._rv, rtype.name, "ADDED", meta["namespace"], obj))
+                    backlog.append(
+                        Event(self._rv, rtype.name, "ADDED", meta.get("namespace", ""), obj)
+                    )
             if since and not initial and since < self._resumable_from:
                 expired = status(
                     410,

@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from aiohttp import web
@@ -23,18 +25,19 @@ from opentelemetry.trace import Span
 from xds.admin import make_app, make_health_app, start_admin
 from xds.cache import Cache
 from xds.config import Settings
+from xds.localities import Locality
 from xds.metrics import Metrics
 from xds.model import Mesh, Problem
 from xds.resources import short_name
 from xds.scopes import scope_rule
 from xds.server.callbacks import CallbackList
-from xds.server.service import DiscoveryServer, ServerLimits, start_server
+from xds.server.service import DiscoveryServer, Locate, ServerLimits, start_server
 from xds.server.tracing import TracingCallbacks
 from xds.server.views import Scoping
 from xds.sources.clusters import ClusterSet, Member, Watch
 from xds.sources.files import ManifestSource
 from xds.sources.health import SourceHealth
-from xds.tls import CertificateReloader, IdentityGate, ServerTLS, log_transport
+from xds.tls import NODE_NAME_KEY, CertificateReloader, IdentityGate, ServerTLS, log_transport
 from xds.translate import Translation, Translator, for_api_type, for_scope
 
 if TYPE_CHECKING:
@@ -42,6 +45,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("xds")
+# A Kubernetes Node name: a DNS subdomain.
+_NODE_NAME = re.compile(
+    r"(?=.{1,253}$)[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+)
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,7 @@ class ControlPlane:
                 IdentityGate(settings.trust_domain) if settings.tls_client_ca is not None else None
             ),
             max_streams_per_peer=settings.max_streams_per_peer,
+            locate=self._locator(),
             scoping=(
                 Scoping(
                     scope_rule(settings.mesh_wide_namespaces),
@@ -159,6 +167,40 @@ class ControlPlane:
                 files = ManifestSource(list(cluster.manifests), health=health)
                 members.append((cluster.name, files, files.watch))
         return ClusterSet(members, stale_after_s=settings.cluster_stale_limit_s)
+
+    def _locator(self) -> Locate | None:
+        """Where a client whose node names no zone is: the topology labels of the Kubernetes Node
+        its metadata NODE_NAME, or else its node id, names (node proxies are named after their
+        node). Envoy's bootstrap is one ConfigMap for the whole DaemonSet, and the downward API
+        gives a pod its node's name but not its labels, so the proxy cannot say its zone itself;
+        the control plane reads the Node (`get` on nodes) and keeps it for a while. With several
+        clusters, the client's own cluster (CLUSTER_ID) is asked first, and the cluster whose
+        Node it is becomes the client's."""
+        from xds.sources.kube import KubeSource
+
+        if isinstance(self.source, KubeSource):
+            kube: list[tuple[str, KubeSource]] = [("", self.source)]
+        elif isinstance(self.source, ClusterSet):
+            kube = [(n, m) for n, m in self.source.members if isinstance(m, KubeSource)]
+        else:
+            return None
+        if not kube:
+            return None
+
+        async def locate(
+            node_id: str, metadata: Mapping[str, Any], known: Locality | None
+        ) -> Locality | None:
+            name = metadata.get(NODE_NAME_KEY) or node_id
+            if not isinstance(name, str) or not _NODE_NAME.fullmatch(name):
+                return known
+            said = known.cluster if known is not None else ""
+            for cluster, source in sorted(kube, key=lambda member: member[0] != said):
+                found = await asyncio.to_thread(source.node_locality, name)
+                if found is not None:
+                    return Locality(found[0], found[1], said or cluster)
+            return known
+
+        return locate
 
     def source_changed(self) -> None:
         """A source saw a change: a rebuild follows once events quiet down (or the bound hits).

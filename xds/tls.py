@@ -336,7 +336,7 @@ def first_node(request: bytes, delta: bool) -> FirstNode:
         message = discovery_pb2.DiscoveryRequest.FromString(request)
     node = message.node
     metadata: dict[str, Any] = {}
-    for key in (NAMESPACE_KEY, SERVICE_ACCOUNT_KEY):
+    for key in (NAMESPACE_KEY, SERVICE_ACCOUNT_KEY, NODE_NAME_KEY):
         field = node.metadata.fields.get(key)
         if field is not None and field.WhichOneof("kind") == "string_value":
             metadata[key] = field.string_value
@@ -357,8 +357,9 @@ class FirstNode(NamedTuple):
     locality: Locality | None  # None when the node names no region or zone
 
 
-# Istio's node metadata key for the Kubernetes cluster a proxy runs in.
+# Istio's node metadata keys for the Kubernetes cluster and node a proxy runs in.
 CLUSTER_ID_KEY = "CLUSTER_ID"
+NODE_NAME_KEY = "NODE_NAME"
 # Cloud regions and zones are short (`europe-west1-b`); a label value is at most 63 characters.
 # A locality is a view's key, kept while its clients are: a longer one is taken for none.
 MAX_LOCALITY_FIELD = 128

@@ -54,7 +54,7 @@ def test_every_manifest_is_a_kubernetes_object_and_kustomize_lists_them_all():
     assert listed == on_disk
 
 
-def test_the_control_plane_may_only_read_services_and_endpoints():
+def test_the_control_plane_may_only_read_services_and_endpoints_and_get_nodes():
     role = one("ClusterRole", "xds-control-plane")
     granted = {
         (group, resource, verb)
@@ -69,7 +69,7 @@ def test_the_control_plane_may_only_read_services_and_endpoints():
             ("", "services"), ("", "endpoints"), ("discovery.k8s.io", "endpointslices")
         )
         for verb in ("get", "list", "watch")
-    }  # fmt: skip
+    } | {("", "nodes", "get")}  # fmt: skip
     binding = one("ClusterRoleBinding", "xds-control-plane")
     assert binding["roleRef"]["name"] == "xds-control-plane"
     assert binding["subjects"] == [

@@ -21,7 +21,7 @@ import urllib3
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from tests.kubeapi import ENDPOINTS, ENDPOINTSLICES, SERVICES, KubeAPIServer
+from tests.kubeapi import ENDPOINTS, ENDPOINTSLICES, NODES, SERVICES, KubeAPIServer
 
 DEADLINE = 5.0
 
@@ -298,7 +298,7 @@ def test_endpointslices_off_gives_404_and_endpoints_still_work(api, core, discov
 
 
 def test_discovery_and_version(api, core):
-    assert {r.name for r in core.get_api_resources().resources} == {SERVICES, ENDPOINTS}
+    assert {r.name for r in core.get_api_resources().resources} == {SERVICES, ENDPOINTS, NODES}
     assert client.CoreApi(core.api_client).get_api_versions().versions == ["v1"]
     assert client.VersionApi(core.api_client).get_code().git_version.startswith("v1.")
 
@@ -547,3 +547,15 @@ async def test_runs_in_the_tests_event_loop():
 
         assert await asyncio.to_thread(list_names) == ["a"]
         assert api.list_calls(SERVICES) == 1
+
+
+def test_nodes_are_cluster_scoped_and_read_by_name():
+    with KubeAPIServer() as api:
+        api.apply(NODES, {"metadata": {"name": "kind-worker", "labels": {"zone": "a"}}})
+        config = client.Configuration(host=api.url)
+        core = client.CoreV1Api(client.ApiClient(config))
+        node = core.read_node("kind-worker")
+        assert node.metadata.labels == {"zone": "a"} and node.metadata.namespace is None
+        with pytest.raises(client.exceptions.ApiException) as missing:
+            core.read_node("nowhere")
+        assert missing.value.status == 404

@@ -12,7 +12,7 @@ import itertools
 import logging
 import resource
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -20,7 +20,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from xds.cache import Cache, Snapshot
-from xds.localities import for_locality
+from xds.localities import Locality, for_locality
 from xds.resources import ADS_ORDER, CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource
 from xds.scopes import ScopeIndex
 from xds.server.callbacks import Callbacks
@@ -33,6 +33,10 @@ from xds.server.views import MESH_WIDE_ADS, Scoping, SnapshotView, Variant, View
 from xds.tls import IdentityGate, first_node
 
 log = logging.getLogger(__name__)
+
+# Where a client is when its node does not say: from its node id, metadata and what its node
+# said (a cluster, say), the locality to use (what it said when nothing more is found).
+Locate = Callable[[str, Mapping[str, Any], Locality | None], Awaitable[Locality | None]]
 
 
 # (gRPC service, its state-of-the-world method, its delta method, the types it may carry)
@@ -105,8 +109,11 @@ class DiscoveryServer:
         max_node_field: int = MAX_NODE_FIELD,
         max_streams_per_peer: int | None = None,
         identity: IdentityGate | None = None,
+        locate: Locate | None = None,
     ) -> None:
         self.cache = cache
+        # Where a client whose node names no zone is (its Kubernetes Node's labels), if known.
+        self.locate = locate
         # With mTLS: a stream whose node is not its client certificate's is refused.
         self.identity = identity
         # The longest node id and cluster a stream accepts (see `stream.MAX_NODE_FIELD`).
@@ -331,8 +338,11 @@ class DiscoveryServer:
                                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
                         if self.scoping is not None:
                             stream.scope = self.scoping.scope_of(node.id, node.metadata)
-                        stream.locality = node.locality
-                        variant = Variant(api_type, stream.scope, node.locality)
+                        locality = node.locality
+                        if self.locate is not None and (locality is None or not locality.zone):
+                            locality = await self.locate(node.id, node.metadata, locality)
+                        stream.locality = locality
+                        variant = Variant(api_type, stream.scope, locality)
                         if variant != MESH_WIDE_ADS:
                             self._variant_streams[variant] += 1
                             counted = True

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -400,6 +401,15 @@ def endpoint_slices_served(api: client.ApiClient) -> bool:
     return any(r.name == "endpointslices" for r in resources.resources)
 
 
+# The well-known topology labels of a Node.
+REGION_LABEL = "topology.kubernetes.io/region"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+# How long a Node's zone is kept, how many are, and how long reading one may take.
+NODE_LOCALITY_TTL_S = 300.0
+NODES_KEPT = 10_000
+NODE_READ_TIMEOUT_S = 5.0
+
+
 class KubeSource:
     """Services and their endpoints from the Kubernetes API, kept current by informers."""
 
@@ -439,6 +449,40 @@ class KubeSource:
         self.events = 0
         # Objects converted: what changes cost (tests, metrics).
         self.converted_objects = 0
+        # Node name -> (when read, its (region, zone) or None): see node_locality.
+        self._nodes: dict[str, tuple[float, tuple[str, str] | None]] = {}
+        self._nodes_lock = threading.Lock()
+
+    def node_locality(self, name: str) -> tuple[str, str] | None:
+        """The (region, zone) of the Node named so, from its topology labels; None when it has
+        neither, does not exist or cannot be read (`get` on nodes is missing, the API is down).
+        Blocking: call it off the event loop. Kept for NODE_LOCALITY_TTL_S, since zones do not
+        move, and bounded in number."""
+        now = time.monotonic()
+        with self._nodes_lock:
+            cached = self._nodes.get(name)
+            if cached is not None and now - cached[0] < NODE_LOCALITY_TTL_S:
+                return cached[1]
+        found: tuple[str, str] | None = None
+        try:
+            node = client.CoreV1Api(self.connect()).read_node(
+                name, _request_timeout=NODE_READ_TIMEOUT_S
+            )
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            status = getattr(exc, "status", None)
+            if status != 404:
+                log.warning("reading Node %r for its zone failed (%s): %s", name[:253], status, exc)
+        else:
+            labels = (node.metadata.labels if node.metadata else None) or {}
+            region = labels.get(REGION_LABEL, "")
+            zone = labels.get(ZONE_LABEL, "")
+            if region or zone:
+                found = (region, zone)
+        with self._nodes_lock:
+            if len(self._nodes) >= NODES_KEPT:
+                self._nodes.clear()  # a bound on memory: read again on demand
+            self._nodes[name] = (now, found)
+        return found
 
     def connect(self) -> client.ApiClient:
         """Loads the client configuration once: called at start, so a missing one fails early."""

@@ -1,0 +1,106 @@
+"""A node proxy whose bootstrap names no zone (one ConfigMap for a whole DaemonSet) is placed by
+its Kubernetes Node's topology labels, read from the API (the stand-in) by the node's name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.integration.conftest import LOOPBACK, endpoint_slice, service
+from tests.integration.test_kube import kubeconfig
+from tests.kubeapi import ENDPOINTSLICES, NODES, SERVICES, KubeAPIServer
+from xds.app import ControlPlane
+from xds.config import Settings
+from xds.local import Envoy, free_port, free_port_offset, wait_for
+
+SERVICE_PORT = 80
+
+
+@pytest.fixture
+def api() -> Iterator[KubeAPIServer]:
+    with KubeAPIServer(bookmark_interval=0.5) as server:
+        yield server
+
+
+async def priorities(envoy: Envoy) -> dict[str, int]:
+    data = await envoy.get_json("/clusters?format=json")
+    for cluster in data.get("cluster_statuses", []):
+        if cluster["name"] == "shop/web:http":
+            return {
+                h["address"]["socket_address"]["address"]: h.get("priority", 0)
+                for h in cluster.get("host_statuses", [])
+            }
+    return {}
+
+
+async def _is(found: Any, expected: object) -> bool:
+    return bool(await found == expected)
+
+
+async def test_a_node_proxy_is_placed_in_its_nodes_zone(tmp_path: Path, api: KubeAPIServer):
+    api.apply(
+        NODES,
+        {
+            "metadata": {
+                "name": "kind-worker",
+                "labels": {
+                    "topology.kubernetes.io/region": "region-1",
+                    "topology.kubernetes.io/zone": "zone-b",
+                },
+            }
+        },
+    )
+    api.apply(
+        SERVICES, service("web", SERVICE_PORT, namespace="shop", trafficDistribution="PreferClose")
+    )
+    port = free_port()
+    slice_ = endpoint_slice("web", ["127.0.0.1", "127.0.0.2"], port, namespace="shop", name="w")
+    slice_["endpoints"][0]["zone"] = "zone-a"
+    slice_["endpoints"][1]["zone"] = "zone-b"
+    api.apply(ENDPOINTSLICES, slice_)
+    plane = ControlPlane(
+        Settings(
+            kubernetes=True,
+            kubeconfig=str(kubeconfig(tmp_path / "kubeconfig", api.url)),
+            kube_read_timeout_s=2.0,
+            xds_port=0,
+            admin_port=0,
+            listener_address="127.0.0.1",
+            listener_port_offset=free_port_offset([SERVICE_PORT]),
+            allowed_endpoint_ranges=LOOPBACK,
+        )
+    )
+    ports = await plane.start()
+    # Named after their node, as deploy/03-envoy.yaml's DaemonSet names them; no locality.
+    placed = Envoy(f"127.0.0.1:{ports.xds}", node_id="kind-worker", workdir=tmp_path)
+    unknown = Envoy(f"127.0.0.1:{ports.xds}", node_id="kind-worker9", workdir=tmp_path)
+    try:
+        await placed.start()
+        await unknown.start()
+        await wait_for(
+            lambda: _is(priorities(placed), {"127.0.0.1": 1, "127.0.0.2": 0}),
+            timeout=30,
+            what="zone-b first for the proxy on kind-worker",
+        )
+        await wait_for(
+            lambda: _is(priorities(unknown), {"127.0.0.1": 0, "127.0.0.2": 0}),
+            timeout=30,
+            what="one priority for a proxy whose node is not found",
+        )
+        syncz = f"http://127.0.0.1:{ports.admin}/debug/syncz"
+        async with aiohttp.ClientSession() as session, session.get(syncz) as response:
+            streams = {s["node_id"]: s for s in await response.json()}
+        assert streams["kind-worker"]["locality"] == {
+            "region": "region-1",
+            "zone": "zone-b",
+            "cluster": "",
+        }
+        assert streams["kind-worker9"]["locality"] is None
+    finally:
+        await unknown.stop()
+        await placed.stop()
+        await plane.stop()
