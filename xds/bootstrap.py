@@ -232,6 +232,7 @@ def bootstrap(
     zone: str | None = None,
     sub_zone: str | None = None,
     namespace: str | None = None,
+    cluster_id: str | None = None,
 ) -> dict[str, Any]:
     """The bootstrap as a dict in Envoy's JSON/YAML shape. With `otel_collector` (HOST:PORT of an
     OTLP/gRPC collector) it defines the cluster `otel_collector` that request tracing sends to
@@ -245,7 +246,7 @@ def bootstrap(
     if otel_collector is not None:
         clusters.append(grpc_cluster(OTEL_CLUSTER_NAME, otel_collector))
     node: dict[str, Any] = {"id": node_id, "cluster": node_cluster}
-    if region or zone or sub_zone or namespace:
+    if region or zone or sub_zone or namespace or cluster_id:
         node = node_section(
             node_id,
             node_cluster=node_cluster,
@@ -253,6 +254,7 @@ def bootstrap(
             zone=zone,
             sub_zone=sub_zone,
             namespace=namespace,
+            cluster_id=cluster_id,
         )
     return {
         "node": node,
@@ -322,6 +324,7 @@ def node_section(
     zone: str | None = None,
     sub_zone: str | None = None,
     namespace: str | None = None,
+    cluster_id: str | None = None,
 ) -> dict[str, Any]:
     """A bootstrap's `node`, Envoy's or a gRPC client's: id, cluster, locality (only the keys
     given: the control plane prioritizes endpoints by it, `xds.localities`) and, with
@@ -359,6 +362,12 @@ def node_section(
                 "plane would scope the client to neither"
             )
         node["metadata"] = {NAMESPACE_KEY: namespace}
+    if cluster_id:
+        if not NAMESPACE_NAME.fullmatch(cluster_id):
+            raise ValueError(f"cluster id {cluster_id!r} is not a cluster name (a DNS label)")
+        # Where the client runs, when the control plane reads several clusters: its own
+        # cluster's endpoints come first (xds.localities; Istio's key).
+        node.setdefault("metadata", {})["CLUSTER_ID"] = cluster_id
     return node
 
 
@@ -371,6 +380,7 @@ def grpc_bootstrap(
     zone: str | None = None,
     sub_zone: str | None = None,
     namespace: str | None = None,
+    cluster_id: str | None = None,
     tls: GrpcTLS | BootstrapTLS | None = None,
 ) -> dict[str, Any]:
     """The bootstrap of a proxyless gRPC client (grpcio, grpc-java, grpc-go, grpc-js-xds) as a
@@ -385,6 +395,7 @@ def grpc_bootstrap(
         zone=zone,
         sub_zone=sub_zone,
         namespace=namespace,
+        cluster_id=cluster_id,
     )
     if isinstance(tls, BootstrapTLS):
         tls = GrpcTLS.of(tls)

@@ -516,6 +516,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     boot.add_argument("--sub-zone", help="the node's locality sub-zone")
     boot.add_argument(
+        "--cluster-id",
+        help="the Kubernetes cluster the client runs in, as node metadata CLUSTER_ID: with "
+        "several clusters, its own cluster's endpoints come first",
+    )
+    boot.add_argument(
         "--namespace",
         help="the client's namespace, as node metadata NAMESPACE, which xds serve --scope "
         "namespace reads",
@@ -657,6 +662,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
         zone=args.zone,
         sub_zone=args.sub_zone,
         namespace=args.namespace,
+        cluster_id=args.cluster_id,
     )
     if tls is not None and args.write_sds:
         for path in write_sds_files(tls):
@@ -703,6 +709,7 @@ def _grpc_bootstrap(args: argparse.Namespace) -> int:
         zone=args.zone,
         sub_zone=args.sub_zone,
         namespace=args.namespace,
+        cluster_id=args.cluster_id,
         tls=tls,
     )
     print(json.dumps(config, indent=2))

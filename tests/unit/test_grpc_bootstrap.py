@@ -285,6 +285,8 @@ def test_envoy_bootstrap_takes_the_locality_and_namespace_too() -> None:
         "eu-a",
         "--namespace",
         "team-a",
+        "--cluster-id",
+        "east",
     )
     assert result.returncode == 0, result.stderr
     node = json.loads(result.stdout)["node"]
@@ -292,7 +294,7 @@ def test_envoy_bootstrap_takes_the_locality_and_namespace_too() -> None:
         "id": "envoy-1",
         "cluster": "xds-proxies",
         "locality": {"region": "eu", "zone": "eu-a"},
-        "metadata": {"NAMESPACE": "team-a"},
+        "metadata": {"NAMESPACE": "team-a", "CLUSTER_ID": "east"},
     }
     refused = xds("bootstrap", "--node-id", "n", "--xds-address", ADDRESS, "--namespace", "A B")
     assert (refused.returncode, refused.stdout) == (2, "")
