@@ -25,6 +25,7 @@ from xds.config import LB_POLICIES, SCOPES, ClusterSource, Settings, parse_cidr
 
 if TYPE_CHECKING:  # imported where used: bootstrap is not loaded by the other commands
     from xds.bootstrap import BootstrapTLS
+    from xds.sources.clusters import ClusterSet
 
 log = logging.getLogger(__name__)
 
@@ -752,8 +753,19 @@ def _translate(settings: Settings) -> int:
     from xds.sources.files import ManifestSource
     from xds.translate import to_json, translate
 
-    source = ManifestSource(list(settings.manifests))
-    source.reload()  # logs each of the source's problems, once, at its level
+    source: ManifestSource | ClusterSet
+    if settings.clusters:
+        from xds.sources.clusters import ClusterSet
+
+        members = []
+        for cluster in settings.clusters:
+            files = ManifestSource(list(cluster.manifests))
+            files.reload()
+            members.append((cluster.name, files, files.watch))
+        source = ClusterSet(members)
+    else:
+        source = ManifestSource(list(settings.manifests))
+        source.reload()  # logs each of the source's problems, once, at its level
     translation = translate(source.mesh(), settings)
     for problem in translation.problems:
         log.log(problem.level, "%s", problem)

@@ -554,3 +554,25 @@ def test_make_says_in_one_line_that_python_is_too_old(tmp_path: Path, venv_state
     assert result.stdout == ""  # no venv made, nothing installed
     made = sorted(str(path.relative_to(venv)) for path in venv.rglob("*"))
     assert made == ([] if venv_state == "new" else ["bin", "bin/xds"])
+
+
+def test_translate_joins_several_clusters_by_namespace_sameness(tmp_path: Path):
+    for name in ("east", "west"):
+        (tmp_path / name).mkdir()
+        for file in DEMO.glob("*.yaml"):
+            (tmp_path / name / file.name).write_text(file.read_text())
+    result = xds(
+        "translate",
+        "--cluster",
+        f"east={tmp_path / 'east'}",
+        "--cluster",
+        f"west={tmp_path / 'west'}",
+        *LOOPBACK,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert {c["name"] for c in out["CDS"]} == {"demo/web:http", "demo/hello:http"}
+    web = next(a for a in out["EDS"] if a["clusterName"] == "demo/web:http")
+    assert [e["locality"] for e in web["endpoints"]] == [{"subZone": "east"}, {"subZone": "west"}]
+    bad = xds("translate", "--cluster", "East=/nowhere", *LOOPBACK)
+    assert bad.returncode == 2 and "NAME=PATH" in bad.stderr
