@@ -573,6 +573,8 @@ def test_translate_joins_several_clusters_by_namespace_sameness(tmp_path: Path):
     out = json.loads(result.stdout)
     assert {c["name"] for c in out["CDS"]} == {"demo/web:http", "demo/hello:http"}
     web = next(a for a in out["EDS"] if a["clusterName"] == "demo/web:http")
-    assert [e["locality"] for e in web["endpoints"]] == [{"subZone": "east"}, {"subZone": "west"}]
+    # One locality per cluster and zone, the cluster in its sub-zone.
+    localities = {(e["locality"]["subZone"], e["locality"]["zone"]) for e in web["endpoints"]}
+    assert localities == {(c, z) for c in ("east", "west") for z in ("zone-a", "zone-b")}
     bad = xds("translate", "--cluster", "East=/nowhere", *LOOPBACK)
     assert bad.returncode == 2 and "NAME=PATH" in bad.stderr
