@@ -35,7 +35,7 @@ ZONE_OF = {"a1": "zone-a", "a2": "zone-a", "b1": "zone-b", "b2": "zone-b"}
 CONSECUTIVE_5XX = 3
 
 
-def manifests(port: int, names: list[str]) -> list[dict[str, Any]]:
+def manifests(port: int, names: list[str], draining: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     return [
         {
             "apiVersion": "v1",
@@ -57,7 +57,15 @@ def manifests(port: int, names: list[str]) -> list[dict[str, Any]]:
             "addressType": "IPv4",
             "ports": [{"name": "http", "port": port}],
             "endpoints": [
-                {"addresses": [address(n)], "zone": ZONE_OF[n], "conditions": {"ready": True}}
+                {
+                    "addresses": [address(n)],
+                    "zone": ZONE_OF[n],
+                    "conditions": (
+                        {"ready": False, "serving": True, "terminating": True}
+                        if n in draining
+                        else {"ready": True}
+                    ),
+                }
                 for n in names
             ],
         },
@@ -77,8 +85,8 @@ class Zones:
     url: str
     session: aiohttp.ClientSession
 
-    def write(self, names: list[str]) -> None:
-        write_manifests(self.manifests / "web.yaml", *manifests(self.port, names))
+    def write(self, names: list[str], draining: tuple[str, ...] = ()) -> None:
+        write_manifests(self.manifests / "web.yaml", *manifests(self.port, names, draining))
 
     def zone_counts(self) -> dict[str, int]:
         counts = {"zone-a": 0, "zone-b": 0}
@@ -208,3 +216,27 @@ async def test_removing_zone_a_endpoints_fails_no_request(zones: Zones):
     assert None not in answers, f"{answers.count(None)} of {len(answers)} failed"
     assert {ZONE_OF[name] for name in answers[-100:] if name} == {"zone-b"}
     assert {ZONE_OF[name] for name in answers[:100] if name} == {"zone-a"}
+
+
+async def test_a_draining_zone_is_not_available(zones: Zones):
+    """Terminating but still serving endpoints (DRAINING) count as unhealthy for the priority's
+    health: zone-a draining sends the traffic to zone-b, and none of it fails."""
+    zones.write(list(ZONE_OF), draining=("a1", "a2"))
+
+    async def drained() -> bool:
+        data = await zones.envoy.get_json("/clusters?format=json")
+        for cluster in data.get("cluster_statuses", []):
+            if cluster["name"] == CLUSTER_NAME:
+                return {
+                    h["address"]["socket_address"]["address"]
+                    for h in cluster["host_statuses"]
+                    if h.get("health_status", {}).get("eds_health_status") == "DRAINING"
+                } == {address("a1"), address("a2")}
+        return False
+
+    await wait_for(drained, timeout=10, what="zone-a draining in Envoy")
+    before = zones.zone_counts()["zone-a"]
+    answers = await spread(zones.session, zones.url, HOST, 300)
+    assert None not in answers
+    assert zones.zone_counts()["zone-a"] == before
+    assert {ZONE_OF[name] for name in answers if name} == {"zone-b"}
