@@ -269,3 +269,38 @@ def test_a_client_prefers_its_own_cluster_then_the_others():
         "eu-b": 1,
         "eu-c": 1,
     }
+
+
+def test_a_locality_view_is_the_snapshot_itself_while_no_service_keeps_traffic_close():
+    translator = Translator(Settings())
+    cache = Cache()
+    assert cache.publish(translator.translate(mesh(web(*ALL))).resources)
+
+    def rewrite(resource: Resource, variant: Variant) -> Resource | None:
+        return for_locality(resource, variant.locality) if variant.locality else resource
+
+    views = Views(rewrite, cache.changes_since)
+    zone_a = Variant(locality=Locality("eu", "eu-a"))
+
+    def endpoints() -> object:
+        return views.view(cache.snapshot, zone_a, cache.published).of_type(ENDPOINT)
+
+    def change(entry: ServiceEntry) -> None:
+        translation = translator.translate(mesh(entry))
+        assert cache.publish(translation.resources, changes=translation.resource_changes)
+
+    # No copy of the type: the snapshot's own mapping (its clients share its encodings).
+    assert endpoints() is cache.snapshot.of_type(ENDPOINT)
+    change(web(*ALL[:3]))
+    assert endpoints() is cache.snapshot.of_type(ENDPOINT)
+    change(web(*ALL[:3], traffic_distribution="PreferClose"))  # now it asks: its own view
+    shown = endpoints()
+    assert shown is not cache.snapshot.of_type(ENDPOINT)
+    assert priorities(shown[NAME])["eu-a"] == (0, 2)  # type: ignore[index]
+    view = views.view(cache.snapshot, zone_a, cache.published)
+    assert view.version(ENDPOINT) != cache.snapshot.version(ENDPOINT)
+    change(web(*ALL[:3]))  # and back
+    assert endpoints() is cache.snapshot.of_type(ENDPOINT)
+    assert views.view(cache.snapshot, zone_a, cache.published).version(
+        ENDPOINT
+    ) == cache.snapshot.version(ENDPOINT)

@@ -109,7 +109,11 @@ class SnapshotView:
 @dataclass
 class _Derived:
     """One variant's view of one type, as of one snapshot. Its dicts are never changed once a
-    view has handed them out: a new snapshot's view copies them when something of it changed."""
+    view has handed them out: a new snapshot's view copies them when something of it changed.
+
+    A view that shows every resource of the snapshot as it is (a locality's view while no Service
+    keeps traffic close, say) keeps no dicts at all (`same`): it hands out the snapshot's own
+    mapping and version, and a change costs what changed, not a copy of the type."""
 
     serial: int | None
     # name -> version of the resource shown rewritten (a resource shown as it is is its own
@@ -117,6 +121,18 @@ class _Derived:
     originals: dict[str, str]
     items: dict[str, Resource]  # name -> the resource as shown
     digest: int  # XOR of the shown resources' version shares
+    # Every resource of the snapshot shown as it is: `originals` and `items` are unused.
+    same: bool = False
+
+
+def _digest(snapshot: Snapshot, type_url: str) -> int:
+    """The XOR of a type's version shares in a snapshot."""
+    digest = snapshot.digests.get(type_url)
+    if digest is None:
+        digest = 0
+        for name, resource in snapshot.of_type(type_url).items():
+            digest ^= version_share(name, resource.version)
+    return digest
 
 
 # The names of a type that a variant may see in a snapshot (a superset), or None for all of them.
@@ -178,6 +194,19 @@ class Views:
             names = look
         if previous is None:
             previous = _Derived(serial, {}, {}, 0)
+        elif previous.same:
+            kept = self._still_same(snapshot, serial, variant, type_url, names)
+            if kept is not None:
+                return kept
+            # Something is shown rewritten or hidden now: the view keeps its own dicts again,
+            # starting from the snapshot's mapping but for the names to look at.
+            items = dict(available)
+            digest = _digest(snapshot, type_url)
+            for name in names:
+                resource = items.pop(name, None)
+                if resource is not None:
+                    digest ^= version_share(name, resource.version)
+            previous = _Derived(serial, {}, items, digest)
         derived = _Derived(serial, previous.originals, previous.items, previous.digest)
         copied = False
         for name in names:
@@ -205,5 +234,27 @@ class Views:
             derived.digest ^= version_share(name, shown.version)
             if shown is not resource:
                 derived.originals[name] = resource.version
+        if not derived.originals and len(derived.items) == len(available):
+            # Every resource as it is, none hidden: the snapshot's own mapping stands for it.
+            self._derived[(variant, type_url)] = _Derived(serial, {}, {}, 0, same=True)
+            return available, snapshot.version(type_url)
         self._derived[(variant, type_url)] = derived
         return MappingProxyType(derived.items), format_version(derived.digest)
+
+    def _still_same(
+        self,
+        snapshot: Snapshot,
+        serial: int | None,
+        variant: Variant,
+        type_url: str,
+        names: Iterable[str],
+    ) -> tuple[Mapping[str, Resource], str] | None:
+        """The view of a type that showed every resource as it is, if it still does after
+        these names changed (None when one of them is now rewritten or hidden)."""
+        available = snapshot.of_type(type_url)
+        for name in names:
+            resource = available.get(name)
+            if resource is not None and self._rewrite(resource, variant) is not resource:
+                return None
+        self._derived[(variant, type_url)] = _Derived(serial, {}, {}, 0, same=True)
+        return available, snapshot.version(type_url)
