@@ -48,6 +48,7 @@ bench: install
 	$(BIN)/python bench/snapshot_build.py
 	$(BIN)/python bench/propagation.py --mode ads --mode delta-ads
 	$(BIN)/python bench/grpc_propagation.py
+	$(BIN)/python bench/localities.py
 	$(BIN)/python bench/tracing_overhead.py
 	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/fleet.py --delta
