@@ -69,7 +69,7 @@ def test_the_control_plane_may_only_read_services_and_endpoints_and_get_nodes():
             ("", "services"), ("", "endpoints"), ("discovery.k8s.io", "endpointslices")
         )
         for verb in ("get", "list", "watch")
-    } | {("", "nodes", "get")}  # fmt: skip
+    } | {("", "nodes", "get"), ("", "nodes", "list")}  # fmt: skip
     binding = one("ClusterRoleBinding", "xds-control-plane")
     assert binding["roleRef"]["name"] == "xds-control-plane"
     assert binding["subjects"] == [

@@ -104,3 +104,64 @@ async def test_a_node_proxy_is_placed_in_its_nodes_zone(tmp_path: Path, api: Kub
         await unknown.stop()
         await placed.stop()
         await plane.stop()
+
+
+def node(name: str, region: str, zone: str) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "labels": {
+                "topology.kubernetes.io/region": region,
+                "topology.kubernetes.io/zone": zone,
+            },
+        }
+    }
+
+
+async def test_endpoints_get_their_region_from_their_node(tmp_path: Path, api: KubeAPIServer):
+    """EndpointSlices name an endpoint's zone, never its region: the region comes from the Node
+    it runs on, and a client in region-1 gets region-1's other zone before region-2."""
+    for name, region, zone in (
+        ("node-a", "region-1", "zone-a"),
+        ("node-b", "region-1", "zone-b"),
+        ("node-c", "region-2", "zone-c"),
+    ):
+        api.apply(NODES, node(name, region, zone))
+    api.apply(
+        SERVICES, service("web", SERVICE_PORT, namespace="shop", trafficDistribution="PreferClose")
+    )
+    slice_ = endpoint_slice(
+        "web", ["127.0.0.1", "127.0.0.2", "127.0.0.3"], free_port(), namespace="shop", name="w"
+    )
+    for endpoint, (node_name, zone) in zip(
+        slice_["endpoints"],
+        (("node-a", "zone-a"), ("node-b", "zone-b"), ("node-c", "zone-c")),
+        strict=True,
+    ):
+        endpoint["nodeName"] = node_name
+        endpoint["zone"] = zone
+    api.apply(ENDPOINTSLICES, slice_)
+    plane = ControlPlane(
+        Settings(
+            kubernetes=True,
+            kubeconfig=str(kubeconfig(tmp_path / "kubeconfig", api.url)),
+            kube_read_timeout_s=2.0,
+            xds_port=0,
+            admin_port=0,
+            listener_address="127.0.0.1",
+            listener_port_offset=free_port_offset([SERVICE_PORT]),
+            allowed_endpoint_ranges=LOOPBACK,
+        )
+    )
+    ports = await plane.start()
+    envoy = Envoy(f"127.0.0.1:{ports.xds}", node_id="node-a", workdir=tmp_path)
+    try:
+        await envoy.start()
+        await wait_for(
+            lambda: _is(priorities(envoy), {"127.0.0.1": 0, "127.0.0.2": 1, "127.0.0.3": 2}),
+            timeout=30,
+            what="its zone, then its region, then the rest",
+        )
+    finally:
+        await envoy.stop()
+        await plane.stop()

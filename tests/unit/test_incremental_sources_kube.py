@@ -152,3 +152,25 @@ def test_a_relist_reports_exactly_the_objects_that_differ(
     # Unchanged objects are kept as they were, so the source knows them without comparing.
     assert informer.get(("default", "s1")) is kept
     assert informer.get(("default", "s5")) is None
+
+
+def test_nodes_are_read_one_by_one_when_few_and_listed_once_when_many(
+    api: KubeAPIServer, api_client: client.ApiClient
+):
+    from tests.kubeapi import NODES
+
+    for i in range(40):
+        labels = {"topology.kubernetes.io/region": "r1", "topology.kubernetes.io/zone": f"z{i}"}
+        api.create(NODES, {"metadata": {"name": f"n{i}", "labels": labels}})
+    source = KubeSource(KubeSettings(), api=api_client)
+    assert source.node_locality("n0") == ("r1", "z0")
+    assert source.node_locality("missing") is None
+    source.prefetch_nodes({"n1", "n2"})  # few: nothing listed, read when asked
+    assert api.list_calls(NODES) == 0
+    source.prefetch_nodes({f"n{i}" for i in range(3, 40)} | {"gone"})
+    assert api.list_calls(NODES) == 1
+    gets = api.get_calls(NODES)
+    assert gets == 2  # n0 and missing
+    assert source.node_locality("n39") == ("r1", "z39")
+    assert source.node_locality("gone") is None
+    assert api.get_calls(NODES) == gets  # served from what the list read

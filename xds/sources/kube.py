@@ -23,6 +23,7 @@ thread, and only the recorded ones: a change costs what it touched, on no thread
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ import urllib3
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
-from xds.model import Mesh, Problem
+from xds.model import EndpointGroup, Mesh, Problem, ServiceEntry, ServiceKey
 from xds.sources.health import SourceHealth
 from xds.sources.manifests import Assembly, Converted, convert_documents
 
@@ -408,6 +409,16 @@ ZONE_LABEL = "topology.kubernetes.io/zone"
 NODE_LOCALITY_TTL_S = 300.0
 NODES_KEPT = 10_000
 NODE_READ_TIMEOUT_S = 5.0
+# Past this many Nodes not known, they are all read with one list.
+NODES_READ_ONE_BY_ONE = 16
+
+
+def _topology(node: Any) -> tuple[str, str] | None:
+    """A Node's (region, zone) from its topology labels; None when it has neither."""
+    labels = (node.metadata.labels if node.metadata else None) or {}
+    region = labels.get(REGION_LABEL, "")
+    zone = labels.get(ZONE_LABEL, "")
+    return (region, zone) if region or zone else None
 
 
 class KubeSource:
@@ -449,9 +460,12 @@ class KubeSource:
         self.events = 0
         # Objects converted: what changes cost (tests, metrics).
         self.converted_objects = 0
+        # The assembly's mesh last given regions, and the mesh with them (see _with_regions).
+        self._regions: tuple[Mesh | None, Mesh] = (None, Mesh())
         # Node name -> (when read, its (region, zone) or None): see node_locality.
         self._nodes: dict[str, tuple[float, tuple[str, str] | None]] = {}
         self._nodes_lock = threading.Lock()
+        self._node_failures_logged: set[object] = set()
 
     def node_locality(self, name: str) -> tuple[str, str] | None:
         """The (region, zone) of the Node named so, from its topology labels; None when it has
@@ -469,20 +483,55 @@ class KubeSource:
                 name, _request_timeout=NODE_READ_TIMEOUT_S
             )
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
-            status = getattr(exc, "status", None)
-            if status != 404:
-                log.warning("reading Node %r for its zone failed (%s): %s", name[:253], status, exc)
+            self._node_read_failed(exc)
         else:
-            labels = (node.metadata.labels if node.metadata else None) or {}
-            region = labels.get(REGION_LABEL, "")
-            zone = labels.get(ZONE_LABEL, "")
-            if region or zone:
-                found = (region, zone)
+            found = _topology(node)
         with self._nodes_lock:
             if len(self._nodes) >= NODES_KEPT:
                 self._nodes.clear()  # a bound on memory: read again on demand
             self._nodes[name] = (now, found)
         return found
+
+    def prefetch_nodes(self, names: Collection[str]) -> None:
+        """Reads every Node at once (`list`) when more than a few of these are not known: a
+        first mesh of a big cluster names hundreds of nodes, one request each otherwise."""
+        now = time.monotonic()
+        with self._nodes_lock:
+            unknown = [
+                n
+                for n in names
+                if n not in self._nodes or now - self._nodes[n][0] >= NODE_LOCALITY_TTL_S
+            ]
+        if len(unknown) <= NODES_READ_ONE_BY_ONE:
+            return
+        try:
+            nodes = client.CoreV1Api(self.connect()).list_node(
+                _request_timeout=NODE_READ_TIMEOUT_S
+            )
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+            self._node_read_failed(exc)
+            return
+        with self._nodes_lock:
+            if len(self._nodes) + len(nodes.items) >= NODES_KEPT:
+                self._nodes.clear()
+            for node in nodes.items[:NODES_KEPT]:
+                if node.metadata is not None and node.metadata.name:
+                    self._nodes[node.metadata.name] = (now, _topology(node))
+            for name in unknown:  # not listed: no such node now
+                self._nodes.setdefault(name, (now, None))
+
+    def _node_read_failed(self, exc: Exception) -> None:
+        status = getattr(exc, "status", None)
+        if status == 404:
+            return
+        if status not in self._node_failures_logged:
+            self._node_failures_logged.add(status)
+            log.warning(
+                "reading Nodes for their zones failed (%s; logged once per status): %s "
+                "(the control plane needs get and list on nodes)",
+                status,
+                str(exc)[:300],
+            )
 
     def connect(self) -> client.ApiClient:
         """Loads the client configuration once: called at start, so a missing one fails early."""
@@ -497,7 +546,7 @@ class KubeSource:
         with self._lock:
             with self._pending_lock:
                 if not self._all_listed():
-                    return self._assembly.mesh
+                    return self._with_regions(self._assembly.mesh)
                 pending, self._pending = self._pending, {}
             if pending:
                 try:
@@ -512,7 +561,56 @@ class KubeSource:
                         self._retry()
                 else:
                     self.health.recovered(_CONVERTING)
-            return self._assembly.mesh
+            return self._with_regions(self._assembly.mesh)
+
+    def _with_regions(self, base: Mesh) -> Mesh:
+        """The mesh with each endpoint's region (and zone, where its slice names none) taken from
+        its Node's topology labels: an EndpointSlice names an endpoint's zone but never its region,
+        which locality-aware endpoints need for the client's-region level. Only the entries that
+        changed since the last call are looked at (Nodes are read once and kept, see
+        node_locality); a Node's labels changing later is seen when its endpoints next change."""
+        previous_base, regioned = self._regions
+        if base is previous_base:
+            return regioned
+        if previous_base is not None and base.parent == previous_base.generation:
+            keys: Collection[ServiceKey] = base.changed
+        else:
+            keys = set(base.keys) | set(regioned.keys)
+        found = [base.get(key) for key in keys]
+        self.prefetch_nodes(
+            {
+                e.node_name
+                for entry in found
+                if entry is not None
+                for g in entry.groups
+                for e in g.endpoints
+                if e.node_name and e.region is None
+            }
+        )
+        entries = {}
+        for key, entry in zip(keys, found, strict=True):
+            entries[key] = None if entry is None else self._regioned_entry(entry)
+        regioned = regioned.derive(entries) if entries else regioned
+        self._regions = (base, regioned)
+        return regioned
+
+    def _regioned_entry(self, entry: ServiceEntry) -> ServiceEntry:
+        groups = []
+        changed = False
+        for group in entry.groups:
+            endpoints = []
+            for endpoint in group.endpoints:
+                if endpoint.region is None and endpoint.node_name:
+                    found = self.node_locality(endpoint.node_name)
+                    if found is not None:
+                        region, zone = found
+                        endpoint = dataclasses.replace(
+                            endpoint, region=region or None, zone=endpoint.zone or zone or None
+                        )
+                        changed = True
+                endpoints.append(endpoint)
+            groups.append(EndpointGroup(group.source, group.ports, tuple(endpoints)))
+        return ServiceEntry(entry.service, tuple(groups)) if changed else entry
 
     def problems(self) -> list[Problem]:
         """The problems of the mesh last built (cheap: nothing is converted here), and those of
