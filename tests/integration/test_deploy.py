@@ -120,3 +120,6 @@ def test_kind_has_one_control_plane_node_and_two_workers():
     assert sorted(node["role"] for node in config["nodes"]) == [
         "control-plane", "worker", "worker"
     ]  # fmt: skip
+    # Each worker in a zone of its own: node proxies are placed by their Node's labels.
+    zones = [n.get("labels", {}).get("topology.kubernetes.io/zone") for n in config["nodes"]]
+    assert sorted(z for z in zones if z) == ["zone-a", "zone-b"]
