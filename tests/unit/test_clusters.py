@@ -186,3 +186,15 @@ def test_every_cluster_failing_is_unready():
         "west/informer services",
     ]
     assert isinstance(clusters.health.failing()[0], PartState)
+
+
+def test_stale_and_dropped_clusters_are_metrics():
+    from xds.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.watch_clusters(lambda: (["east", "west"], {"west": 42.0}, ["west"]))
+    text = metrics.exposition().decode()
+    assert 'xds_cluster_stale_seconds{cluster="east"} 0.0' in text
+    assert 'xds_cluster_stale_seconds{cluster="west"} 42.0' in text
+    assert 'xds_cluster_dropped{cluster="east"} 0.0' in text
+    assert 'xds_cluster_dropped{cluster="west"} 1.0' in text
