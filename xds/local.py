@@ -373,6 +373,21 @@ class Envoy:
         dump = await self.get_json("/config_dump" + ("?include_eds" if include_eds else ""))
         return cast(dict[str, Any], dump)
 
+    async def priorities(self, cluster: str) -> dict[str, int]:
+        """The hosts of one cluster, address -> priority, from the admin /clusters view."""
+        data = await self.get_json("/clusters?format=json")
+        for status in data.get("cluster_statuses", []):
+            if status["name"] == cluster:
+                return {
+                    host["address"]["socket_address"]["address"]: host.get("priority", 0)
+                    for host in status.get("host_statuses", [])
+                }
+        return {}
+
+    async def has_priorities(self, cluster: str, expected: dict[str, int]) -> bool:
+        """Whether one cluster's hosts are exactly these, at these priorities (for wait_for)."""
+        return await self.priorities(cluster) == expected
+
     async def endpoints(self) -> dict[str, set[str]]:
         """Healthy endpoint addresses ("ip:port") per cluster, from the admin /clusters view."""
         data = await self.get_json("/clusters?format=json")

@@ -74,14 +74,7 @@ class Clusters:
 
     async def hosts(self) -> dict[str, int]:
         """Envoy's hosts of the Service's cluster: address -> priority."""
-        data = await self.envoy.get_json("/clusters?format=json")
-        for cluster in data.get("cluster_statuses", []):
-            if cluster["name"] == CLUSTER_NAME:
-                return {
-                    h["address"]["socket_address"]["address"]: h.get("priority", 0)
-                    for h in cluster.get("host_statuses", [])
-                }
-        return {}
+        return await self.envoy.priorities(CLUSTER_NAME)
 
     async def problems(self) -> list[dict[str, str]]:
         async with self.session.get(f"{self.admin}/debug/problems") as response:
@@ -152,7 +145,9 @@ async def clusters(tmp_path: Path, apis: dict[str, KubeAPIServer]) -> AsyncItera
             address(n): 0 if CLUSTER_OF[n] == "east" else 1 for n in ("e1", "e2", "w1", "w2")
         }
         await wait_for(
-            lambda: _is(started.hosts(), expected), timeout=30, what="east first, then west"
+            lambda: envoy.has_priorities(CLUSTER_NAME, expected),
+            timeout=30,
+            what="east first, then west",
         )
         yield started
     finally:
@@ -161,10 +156,6 @@ async def clusters(tmp_path: Path, apis: dict[str, KubeAPIServer]) -> AsyncItera
         await plane.stop()
         for backend in backends.values():
             await backend.stop()
-
-
-async def _is(found: Any, expected: object) -> bool:
-    return bool(await found == expected)
 
 
 async def test_an_envoy_in_east_keeps_its_traffic_in_east(clusters: Clusters):
@@ -195,6 +186,10 @@ async def test_a_cluster_whose_api_goes_away_keeps_its_endpoints_and_catches_up(
     clusters.publish("west", ["w1", "w3"])
     west.start_in_thread()
     expected = {address("e1"): 0, address("e2"): 0, address("w1"): 1, address("w3"): 1}
-    await wait_for(lambda: _is(clusters.hosts(), expected), timeout=60, what="west's changes")
+    await wait_for(
+        lambda: clusters.envoy.has_priorities(CLUSTER_NAME, expected),
+        timeout=60,
+        what="west's changes",
+    )
     answers = await spread(clusters.session, clusters.url, HOST, 100)
     assert None not in answers

@@ -18,6 +18,7 @@ from xds.config import Settings
 from xds.local import Envoy, free_port, free_port_offset, wait_for
 
 SERVICE_PORT = 80
+WEB = "shop/web:http"
 
 
 @pytest.fixture
@@ -26,19 +27,20 @@ def api() -> Iterator[KubeAPIServer]:
         yield server
 
 
-async def priorities(envoy: Envoy) -> dict[str, int]:
-    data = await envoy.get_json("/clusters?format=json")
-    for cluster in data.get("cluster_statuses", []):
-        if cluster["name"] == "shop/web:http":
-            return {
-                h["address"]["socket_address"]["address"]: h.get("priority", 0)
-                for h in cluster.get("host_statuses", [])
-            }
-    return {}
-
-
-async def _is(found: Any, expected: object) -> bool:
-    return bool(await found == expected)
+def kube_plane(tmp_path: Path, api: KubeAPIServer) -> ControlPlane:
+    """The control plane on the API stand-in, endpoints on loopback allowed."""
+    return ControlPlane(
+        Settings(
+            kubernetes=True,
+            kubeconfig=str(kubeconfig(tmp_path / "kubeconfig", api.url)),
+            kube_read_timeout_s=2.0,
+            xds_port=0,
+            admin_port=0,
+            listener_address="127.0.0.1",
+            listener_port_offset=free_port_offset([SERVICE_PORT]),
+            allowed_endpoint_ranges=LOOPBACK,
+        )
+    )
 
 
 async def test_a_node_proxy_is_placed_in_its_nodes_zone(tmp_path: Path, api: KubeAPIServer):
@@ -62,18 +64,7 @@ async def test_a_node_proxy_is_placed_in_its_nodes_zone(tmp_path: Path, api: Kub
     slice_["endpoints"][0]["zone"] = "zone-a"
     slice_["endpoints"][1]["zone"] = "zone-b"
     api.apply(ENDPOINTSLICES, slice_)
-    plane = ControlPlane(
-        Settings(
-            kubernetes=True,
-            kubeconfig=str(kubeconfig(tmp_path / "kubeconfig", api.url)),
-            kube_read_timeout_s=2.0,
-            xds_port=0,
-            admin_port=0,
-            listener_address="127.0.0.1",
-            listener_port_offset=free_port_offset([SERVICE_PORT]),
-            allowed_endpoint_ranges=LOOPBACK,
-        )
-    )
+    plane = kube_plane(tmp_path, api)
     ports = await plane.start()
     # Named after their node, as deploy/03-envoy.yaml's DaemonSet names them; no locality.
     placed = Envoy(f"127.0.0.1:{ports.xds}", node_id="kind-worker", workdir=tmp_path)
@@ -82,12 +73,12 @@ async def test_a_node_proxy_is_placed_in_its_nodes_zone(tmp_path: Path, api: Kub
         await placed.start()
         await unknown.start()
         await wait_for(
-            lambda: _is(priorities(placed), {"127.0.0.1": 1, "127.0.0.2": 0}),
+            lambda: placed.has_priorities(WEB, {"127.0.0.1": 1, "127.0.0.2": 0}),
             timeout=30,
             what="zone-b first for the proxy on kind-worker",
         )
         await wait_for(
-            lambda: _is(priorities(unknown), {"127.0.0.1": 0, "127.0.0.2": 0}),
+            lambda: unknown.has_priorities(WEB, {"127.0.0.1": 0, "127.0.0.2": 0}),
             timeout=30,
             what="one priority for a proxy whose node is not found",
         )
@@ -141,24 +132,13 @@ async def test_endpoints_get_their_region_from_their_node(tmp_path: Path, api: K
         endpoint["nodeName"] = node_name
         endpoint["zone"] = zone
     api.apply(ENDPOINTSLICES, slice_)
-    plane = ControlPlane(
-        Settings(
-            kubernetes=True,
-            kubeconfig=str(kubeconfig(tmp_path / "kubeconfig", api.url)),
-            kube_read_timeout_s=2.0,
-            xds_port=0,
-            admin_port=0,
-            listener_address="127.0.0.1",
-            listener_port_offset=free_port_offset([SERVICE_PORT]),
-            allowed_endpoint_ranges=LOOPBACK,
-        )
-    )
+    plane = kube_plane(tmp_path, api)
     ports = await plane.start()
     envoy = Envoy(f"127.0.0.1:{ports.xds}", node_id="node-a", workdir=tmp_path)
     try:
         await envoy.start()
         await wait_for(
-            lambda: _is(priorities(envoy), {"127.0.0.1": 0, "127.0.0.2": 1, "127.0.0.3": 2}),
+            lambda: envoy.has_priorities(WEB, {"127.0.0.1": 0, "127.0.0.2": 1, "127.0.0.3": 2}),
             timeout=30,
             what="its zone, then its region, then the rest",
         )
