@@ -505,9 +505,7 @@ class KubeSource:
         if len(unknown) <= NODES_READ_ONE_BY_ONE:
             return
         try:
-            nodes = client.CoreV1Api(self.connect()).list_node(
-                _request_timeout=NODE_READ_TIMEOUT_S
-            )
+            nodes = client.CoreV1Api(self.connect()).list_node(_request_timeout=NODE_READ_TIMEOUT_S)
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
             self._node_read_failed(exc)
             return
