@@ -19,7 +19,7 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from xds.config import LB_POLICIES, SCOPES, ClusterSource, Settings, parse_cidr
 
@@ -537,9 +537,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument(
         "--admin",
-        default="127.0.0.1:9902",
+        action="append",
         metavar="HOST:PORT",
-        help="the control plane's admin address (xds serve --admin-port; default 127.0.0.1:9902)",
+        help="a control plane replica's admin address (xds serve --admin-port); repeat it for "
+        "every replica, shown together (default 127.0.0.1:9902)",
+    )
+    status.add_argument(
+        "-o",
+        "--output",
+        choices=("table", "wide", "json"),
+        default="table",
+        help="table (default); wide: with each proxy's peer and the full NACK messages; json: "
+        "every replica's /debug/syncz records",
     )
     status.add_argument(
         "--token-file",
@@ -590,7 +599,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "translate":
             return _translate(_settings(args))
         if args.command == "status":
-            return _status(args.admin, _read_token(args.token_file))
+            return _status(
+                args.admin or ["127.0.0.1:9902"], args.output, _read_token(args.token_file)
+            )
         if args.command == "demo":
             from xds.demo import run_demo
 
@@ -730,23 +741,31 @@ def _read_token(path: str | None) -> str | None:
     return token
 
 
-def _status(admin: str, token: str | None = None) -> int:
+def _status(admins: list[str], output: str, token: str | None = None) -> int:
+    """Reads /debug/syncz of every replica given; exit 1 when one cannot be read (the others are
+    still shown), with a one-line hint when none can."""
     import urllib.request
 
-    from xds.status import render_syncz
+    from xds.status import render, render_json, unreachable_hint
 
-    url = f"http://{admin}/debug/syncz"
     headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-    try:
-        with urllib.request.urlopen(
-            urllib.request.Request(url, headers=headers), timeout=5
-        ) as response:
-            clients = json.load(response)
-    except OSError as exc:
-        print(f"xds: cannot read {url}: {exc}", file=sys.stderr)
+    replicas: dict[str, Any] = {}
+    failed = False
+    for admin in dict.fromkeys(admins):
+        url = f"http://{admin}/debug/syncz"
+        try:
+            with urllib.request.urlopen(
+                urllib.request.Request(url, headers=headers), timeout=5
+            ) as response:
+                replicas[admin] = json.load(response)
+        except OSError as exc:
+            print(f"xds: cannot read {url}: {exc}", file=sys.stderr)
+            failed = True
+    if not replicas:
+        print(unreachable_hint(dict.fromkeys(admins)), file=sys.stderr)
         return 1
-    print(render_syncz(clients))
-    return 0
+    print(render_json(replicas) if output == "json" else render(replicas, wide=output == "wide"))
+    return 1 if failed else 0
 
 
 def _translate(settings: Settings) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 
@@ -93,10 +94,22 @@ async def test_metrics_syncz_and_status_follow_a_real_envoy(mesh: Mesh):
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
-        assert lines[0].split()[:3] == ["NODE", "PEER", "TYPE"]
-        cds = next(line for line in lines if " CDS " in line)
-        assert "test-proxy" in cds and "REJECTED 1" in cds
-        assert any(" EDS " in line and "SYNCED" in line for line in lines)
+        header = re.split(r"\s{2,}", lines[0].strip())
+        assert header == ["NODE", "CLIENT", "REPLICA", "CDS", "EDS", "LDS", "RDS"]
+        [row] = [re.split(r"\s{2,}", line.strip()) for line in lines if line.startswith("test-")]
+        cells = dict(zip(header, row, strict=True))
+        assert cells["CLIENT"].startswith("envoy 1.40.")  # from the node's build version
+        assert cells["REPLICA"] == admin
+        assert cells["CDS"].startswith("NACKED ") and cells["EDS"] == "SYNCED"
+        wide = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "xds", "status", "--admin", admin, "-o", "wide"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        # The full NACK message, and the rejected cluster named in the table.
+        assert "LAST NACKS" in wide.stdout and "maxEjectionPercent" not in cells["CDS"]
+        nack_lines = wide.stdout.split("LAST NACKS", 1)[1]
+        assert "test-proxy CDS" in nack_lines and "200" in nack_lines
 
 
 def test_status_says_clearly_when_the_control_plane_is_not_there():
@@ -106,3 +119,6 @@ def test_status_says_clearly_when_the_control_plane_is_not_there():
     )  # fmt: skip
     assert result.returncode == 1
     assert "cannot read http://127.0.0.1:1/debug/syncz" in result.stderr
+    # And what to do about it, in one line.
+    assert result.stderr.splitlines()[-1].startswith("xds: no control plane admin endpoint")
+    assert "--admin-port" in result.stderr

@@ -40,6 +40,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypedDict, TypeVar
 
+from xds._pb.envoy.config.core.v3 import base_pb2
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.cache import Changes, SnapshotLike
 from xds.localities import Locality
@@ -154,6 +155,7 @@ class StreamStatus(TypedDict):
 
     node_id: str
     node_cluster: str
+    client: str
     peer: str
     # The namespace whose view the client gets ("" when it names none); None: the whole mesh.
     scope: str | None
@@ -381,6 +383,7 @@ class StreamBase(Generic[S, Q, R]):
         self.allowed_types = types
         self.node_id = ""
         self.node_cluster = ""
+        self.client = ""  # what the client says it is: "envoy 1.40.0", gRPC's user agent
         self.scope: str | None = None  # set by the server from the first request's node
         self.locality: Locality | None = None  # likewise
         self._max_node_field = max_node_field
@@ -434,6 +437,7 @@ class StreamBase(Generic[S, Q, R]):
                     )
             self.node_id = node.id
             self.node_cluster = node.cluster
+            self.client = client_of(node)
         if request.type_url not in self.allowed_types:
             self.unknown_requests += 1
             if self.unknown_requests == 1:
@@ -609,12 +613,28 @@ class StreamBase(Generic[S, Q, R]):
         return {
             "node_id": self.node_id,
             "node_cluster": self.node_cluster,
+            "client": self.client,
             "peer": self.peer,
             "scope": self.scope,
             "locality": None if self.locality is None else self.locality._asdict(),
             "connected_at": self.opened_at,
             "types": {short_name(url): _describe(s) for url, s in self.types.items()},
         }
+
+
+# How much of a client's own name and version is kept (its word, shown in `xds status`).
+MAX_CLIENT_CHARS = 64
+
+
+def client_of(node: base_pb2.Node) -> str:
+    """A client's name and version, as its node says: Envoy's build version (`envoy 1.40.0`), or
+    its user agent version (gRPC's `C-core 58.0.0 Python 1.85.3`)."""
+    version = node.user_agent_version
+    if not version and node.HasField("user_agent_build_version"):
+        build = node.user_agent_build_version.version
+        version = f"{build.major_number}.{build.minor_number}.{build.patch}"
+    text = " ".join(part for part in (node.user_agent_name, version) if part)
+    return bounded(text, MAX_CLIENT_CHARS)
 
 
 def _describe(state: TypeStateBase) -> TypeStatus:
