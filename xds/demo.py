@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from xds.local import (
     Backend,
     Envoy,
     backends,
+    bindable,
     envoy_binary,
     free_port,
     request_backend,
@@ -67,16 +69,71 @@ def _bundled(packaged: str, source: str) -> Path:
     raise FileNotFoundError(f"demo manifests not found (expected xds/{packaged} or envoy/{source})")
 
 
-def render(counts: Counter[str], names: list[str], failures: int, elapsed: float) -> str:
+# The sliding window of the spread: the latest answers, which say where the traffic goes now (an
+# edit of the manifests shows there at once).
+RECENT = 100
+
+
+def render(
+    counts: Counter[str],
+    names: list[str],
+    failures: int,
+    elapsed: float,
+    recent: Sequence[str | None] = (),
+) -> str:
+    """The spread so far and, over the last RECENT answers, now (a backend added or removed by
+    an edit of the manifests shows there at once; the totals take their time)."""
     total = sum(counts[n] for n in names)
     lines = [f"{total:,} requests through Envoy to {HOST} in {elapsed:.1f}s (RANDOM balancing)"]
-    for name in names:
+    window = Counter(recent)
+    seen = [n for n in window if n is not None and n not in names]
+    for name in [*names, *sorted(seen)]:
         share = counts[name] / total if total else 0.0
         bar = "#" * round(share * BAR_WIDTH)
-        lines.append(f"  {name:<10} {counts[name]:>7,}  {share:6.1%}  {bar}")
+        now = f"last {len(recent)}: {window[name] / len(recent):6.1%}" if recent else ""
+        lines.append(f"  {name:<10} {counts[name]:>7,}  {share:6.1%}  {bar:<{BAR_WIDTH}}  {now}")
     if failures:
         lines.append(f"  failed     {failures:>7,}")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def check_ports(ports: Sequence[tuple[str, int, str]]) -> None:
+    """Raises OSError naming the first (host, port) that cannot be bound, what the demo needs it
+    for and, when this machine tells, which process holds it: said before anything starts,
+    instead of an Envoy that fails after its timeout."""
+    for host, port, what in ports:
+        if bindable(host, port):
+            continue
+        holder = _holder(port)
+        raise OSError(
+            f"demo: {host}:{port} ({what}) is in use"
+            + (f" by {holder}" if holder else "")
+            + "; stop it (another `xds demo`?) and try again"
+        )
+
+
+def _holder(port: int) -> str | None:
+    """The process listening on a TCP port, as `pid N (name)`, from /proc (Linux); None when
+    it cannot be told (another OS, another user's process)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # LISTEN
+                    inodes.add(f"socket:[{inode}]")
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                if os.readlink(fd) in inodes:
+                    name = (proc / "comm").read_text().strip()
+                    return f"pid {proc.name} ({name})"
+    return None
 
 
 def run_demo(
@@ -96,6 +153,15 @@ def run_demo(
     # Before anything starts: without Envoy (an optional extra) the demo cannot run, and the
     # error is one line rather than a control plane and backends started and stopped again.
     envoy_binary()
+    if zones:
+        backend_port, listener = ZONES_BACKEND_PORT, SERVICE_PORT + ZONES_LISTENER_OFFSET
+        hosts = len(ZONE_OF)
+    else:
+        backend_port, listener, hosts = BACKEND_PORT, SERVICE_PORT + LISTENER_OFFSET, 3
+    check_ports(
+        [("127.0.0.1", listener, "Envoy's listener")]
+        + [(f"127.0.0.{i}", backend_port, f"backend {i}") for i in range(1, hosts + 1)]
+    )
     try:
         if zones:
             return asyncio.run(_zones_demo(requests, rate, phase_seconds or PHASE_SECONDS))
@@ -132,7 +198,12 @@ async def _demo(requests: int, rate: float) -> int:
                 await envoy.start()
                 url = f"http://127.0.0.1:{SERVICE_PORT + LISTENER_OFFSET}/"
                 print(f"envoy: listening on {url}, admin {envoy.admin}")
-                print(f"try:   curl -H 'Host: {HOST}' {url}\n")
+                print(f"try:   curl -H 'Host: {HOST}' {url}")
+                print(
+                    f"       edit {settings.manifests[0] / 'endpoints.yaml'} (remove an address:"
+                    " the last-100 column shows it at once)"
+                )
+                print(f"       xds status --admin 127.0.0.1:{ports.admin}\n")
                 return await _traffic(url, names, requests, rate, stop)
             finally:
                 await envoy.stop()
@@ -145,6 +216,7 @@ async def _traffic(
     url: str, names: list[str], requests: int, rate: float, stop: asyncio.Event
 ) -> int:
     counts: Counter[str] = Counter()
+    recent: deque[str | None] = deque(maxlen=RECENT)
     failures = 0
     interactive = sys.stdout.isatty()
     async with aiohttp.ClientSession() as session:
@@ -159,6 +231,7 @@ async def _traffic(
         while not stop.is_set() and (requests <= 0 or sent < requests):
             answer = await request_backend(session, url, HOST)
             sent += 1
+            recent.append(answer)
             if answer is None:
                 failures += 1
             else:
@@ -166,13 +239,13 @@ async def _traffic(
             now = time.monotonic()
             if now - shown_at >= (0.25 if interactive else 2.0):
                 shown_at = now
-                _show(render(counts, names, failures, now - started), interactive)
+                _show(render(counts, names, failures, now - started, recent), interactive)
             # Pace to the requested rate; wake early on Ctrl-C.
             delay = started + sent / rate - time.monotonic()
             if delay > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
-        _show(render(counts, names, failures, time.monotonic() - started), interactive)
+        _show(render(counts, names, failures, time.monotonic() - started, recent), interactive)
         print()
     return 0 if failures == 0 else 1
 
@@ -209,7 +282,6 @@ NODE_REGION, NODE_ZONE = "region-1", "zone-a"
 ZONE_OF = {"a1": "zone-a", "a2": "zone-a", "b1": "zone-b", "b2": "zone-b"}
 ZONES = ("zone-a", "zone-b")
 PHASE_SECONDS = 5.0
-RECENT = 100  # the latest answers, which say where the traffic goes now
 # Narrower than `xds demo`'s bars: with the notes beside them, a block stays within 80 columns,
 # which its redrawing in place needs (it moves up by lines, not by wrapped screen rows).
 ZONES_BAR_WIDTH = 30

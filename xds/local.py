@@ -43,7 +43,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     and the kernel may hand a just-closed port out again."""
     for _ in range(200):
         port = _random.randrange(*_STATIC_RANGE)
-        if port not in _handed_out and _bindable(host, port):
+        if port not in _handed_out and bindable(host, port):
             _handed_out.add(port)
             return port
     while True:  # nothing free below the range: the kernel's choice, never handed out twice
@@ -62,7 +62,7 @@ def free_port_offset(ports: Sequence[int], host: str = "127.0.0.1") -> int:
         offset = free_port(host) - min(ports)
         moved = [port + offset for port in ports]
         if offset > 0 and all(
-            port == min(moved) or (port not in _handed_out and _bindable(host, port))
+            port == min(moved) or (port not in _handed_out and bindable(host, port))
             for port in moved
         ):
             _handed_out.update(moved)
@@ -70,7 +70,7 @@ def free_port_offset(ports: Sequence[int], host: str = "127.0.0.1") -> int:
     raise RuntimeError(f"no free offset for ports {list(ports)}")
 
 
-def _bindable(host: str, port: int) -> bool:
+def bindable(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
             sock.bind((host, port))

@@ -578,3 +578,35 @@ def test_translate_joins_several_clusters_by_namespace_sameness(tmp_path: Path):
     assert localities == {(c, z) for c in ("east", "west") for z in ("zone-a", "zone-b")}
     bad = xds("translate", "--cluster", "East=/nowhere", *LOOPBACK)
     assert bad.returncode == 2 and "NAME=PATH" in bad.stderr
+
+
+def test_demo_says_which_process_holds_a_port_it_needs_before_starting():
+    import os
+    import socket
+
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", 10080))  # the demo's Envoy listener (the demo test runs it too)
+        held.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "xds", "demo", "--requests", "1"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert "127.0.0.1:10080 (Envoy's listener) is in use" in result.stderr
+    assert f"pid {os.getpid()}" in result.stderr  # the holder, found in /proc
+    assert "control plane:" not in result.stdout  # said before anything started
+
+
+def test_demo_spread_shows_the_last_answers_beside_the_totals():
+    from collections import Counter
+
+    from xds.demo import render
+
+    counts = Counter({"backend-1": 500, "backend-2": 500, "backend-3": 500})
+    recent = ["backend-1", "backend-2"] * 50  # backend-3 just removed from the manifests
+    text = render(counts, ["backend-1", "backend-2", "backend-3"], 0, 10.0, recent)
+    rows = {line.split()[0]: line for line in text.splitlines()[1:]}
+    assert rows["backend-1"].endswith("last 100:  50.0%")
+    assert rows["backend-3"].endswith("last 100:   0.0%")
+    assert "33.3%" in rows["backend-3"]  # the totals take their time
