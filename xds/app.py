@@ -95,6 +95,8 @@ class ControlPlane:
         self.metrics.watch_source(
             lambda: (health.source, len(health.failing()), len(health.degradations()))
         )
+        if not settings.clusters:
+            self.metrics.expect_source(health.source)  # a cluster set's members: _cluster_set
         self.translator = Translator(settings)
         self.cache = Cache()
         self.tls: ServerTLS | None = None
@@ -123,6 +125,8 @@ class ControlPlane:
             ),
         )
         self.metrics.watch_state(self.server.subscriptions, self._snapshot_size)
+        cache = self.cache
+        self.metrics.watch_cache(lambda: cache.refused)
         if self.certificates is not None:
             certificates, identity = self.certificates, self.server.identity
             self.metrics.watch_transport(
@@ -148,6 +152,7 @@ class ControlPlane:
         members: list[tuple[str, Member, Watch]] = []
         for cluster in settings.clusters:
             health = SourceHealth(f"cluster {cluster.name}", on_error=self.metrics.source_error)
+            self.metrics.expect_source(health.source)
             if cluster.kube_context is not None:
                 from xds.sources.kube import KubeSettings, KubeSource
 

@@ -3,22 +3,86 @@
 The stages report through small calls (`pushed`, `replied`, `translated`, ...) so none of them
 depends on prometheus_client; gauges that describe current state (connected clients, snapshot
 size) are read at scrape time instead of being kept up to date.
+
+Conventions: the standard `process_*` and `python_*` series (prometheus_client's process, platform
+and GC collectors, in this registry only); `xds_build_info{version,python} 1`; every series
+labelled by xDS type exists from the start for CDS, EDS, LDS and RDS, at 0, so a dashboard shows 0
+rather than nothing; no `_created` series (dropped when exposed: the library's own switch,
+`disable_created_metrics()` or PROMETHEUS_DISABLE_CREATED_SERIES, is process-wide).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import platform
 from collections import Counter
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client import Counter as PromCounter
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from xds.resources import short_name
+import xds
+from xds.resources import ADS_ORDER, SNAPSHOT_TYPES, short_name
 from xds.server.callbacks import AnyResponse, Callbacks, Stream
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The types a client subscribes to and is pushed, as labelled: every per-type series starts at 0
+# for each of them. (API listeners are Listeners on the wire, counted as LDS.)
+TYPES: tuple[str, ...] = tuple(short_name(type_url) for type_url in ADS_ORDER)
+# Series the OpenMetrics model adds to counters, histograms and summaries; never read here.
+_CREATED_TYPES = frozenset({"counter", "histogram", "summary", "gaugehistogram"})
+
+
+def version() -> str:
+    """The installed distribution's version; the package's own when it is not installed (run from
+    a source tree)."""
+    try:
+        return importlib.metadata.version("xds-control-plane")
+    except importlib.metadata.PackageNotFoundError:
+        return xds.__version__
+
+
+class _BuildInfo(Collector):
+    """`xds_build_info{version,python} 1`: which build runs, to join on or to count replicas by."""
+
+    def __init__(self) -> None:
+        family = GaugeMetricFamily(
+            "xds_build_info",
+            "The running control plane's version and Python version (always 1)",
+            labels=["version", "python"],
+        )
+        family.add_metric([version(), platform.python_version()], 1)
+        self._families = [family]
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+class _WithoutCreated(Collector):
+    """The registry's families without their `_created` samples, for this registry alone."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._registry.collect():
+            if family.type not in _CREATED_TYPES:
+                yield family
+                continue
+            created = family.name + "_created"
+            # A copy: some collectors hand out the same family objects on every scrape.
+            kept = Metric(family.name, family.documentation, family.type, family.unit)
+            kept.samples = [sample for sample in family.samples if sample.name != created]
+            yield kept
 
 
 class _State(Collector):
@@ -36,7 +100,9 @@ class _State(Collector):
         clients = GaugeMetricFamily(
             "xds_connected_clients", "Streams subscribed to each resource type", labels=["type"]
         )
-        for type_name, count in sorted(Counter(map(short_name, self._subscriptions())).items()):
+        subscribed = Counter(dict.fromkeys(TYPES, 0))
+        subscribed.update(map(short_name, self._subscriptions()))
+        for type_name, count in sorted(subscribed.items()):
             clients.add_metric([type_name], count)
         yield clients
         size, counts = self._snapshot_size()
@@ -46,9 +112,26 @@ class _State(Collector):
         resources = GaugeMetricFamily(
             "xds_snapshot_resources", "Resources in the current snapshot", labels=["type"]
         )
-        for type_url, count in sorted(counts.items()):
-            resources.add_metric([short_name(type_url)], count)
+        held = {short_name(type_url): 0 for type_url in SNAPSHOT_TYPES}
+        held.update((short_name(type_url), count) for type_url, count in counts.items())
+        for type_name, count in sorted(held.items()):
+            resources.add_metric([type_name], count)
         yield resources
+
+
+class _CacheState(Collector):
+    """The cache's refusals, read when scraped."""
+
+    def __init__(self, refused: Callable[[], int]) -> None:
+        self._refused = refused
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "xds_snapshot_refused",
+            "Snapshots the cache refused (a reference to a missing resource); the last good one"
+            " stays served",
+            value=self._refused(),
+        )
 
 
 class _SourceState(Collector):
@@ -131,6 +214,11 @@ class Metrics(Callbacks):
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.registry.register(_BuildInfo())
+        self._exposed = _WithoutCreated(self.registry)
         by_type = ["type"]
         self._pushes = PromCounter("xds_pushes", "Responses sent", by_type, registry=self.registry)
         self._bytes = PromCounter(
@@ -166,6 +254,18 @@ class Metrics(Callbacks):
             ["resource"],
             registry=self.registry,
         )
+        for type_name in TYPES:
+            for counter in (self._pushes, self._bytes, self._acks, self._nacks):
+                counter.labels(type_name)
+            self._convergence.labels(type_name)
+
+    def expect_source(self, source: str) -> None:
+        """`source` may report errors (`source_error`): its error count shows 0 until then."""
+        self._source_errors.labels(source)
+
+    def watch_cache(self, refused: Callable[[], int]) -> None:
+        """`refused()` gives how many snapshots the cache refused so far, read at scrape time."""
+        self.registry.register(_CacheState(refused))
 
     def watch_state(
         self,
@@ -223,4 +323,4 @@ class Metrics(Callbacks):
         self._relists.labels(resource).inc()
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)
