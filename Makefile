@@ -39,6 +39,7 @@ lint: install
 	$(BIN)/ruff format --check xds tests bench protos
 	$(BIN)/lint-imports
 	$(BIN)/mypy
+	$(BIN)/vulture xds tests bench vulture_allowlist.py --min-confidence 60 --exclude xds/_pb
 
 test: lint
 	$(BIN)/python -m pytest -q -rs

@@ -12,7 +12,6 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 PREFIX = "type.googleapis.com/"
@@ -139,9 +138,6 @@ class Resource:
             if byte < 0x80:
                 return data[position : position + length]
             shift += 7
-
-    def to_any(self) -> any_pb2.Any:
-        return any_pb2.Any(type_url=self.type_url, value=self.body)
 
 
 def type_version(resources: Iterable[Resource]) -> str:

@@ -50,9 +50,6 @@ class SourceHealth:
         self._degraded: dict[str, str] = {}
         self.errors = 0  # every failure reported, for tests and logs
 
-    def set_error_callback(self, on_error: Callable[[str], None] | None) -> None:
-        self._on_error = on_error
-
     def failed(self, part: str, why: str) -> None:
         with self._lock:
             self.errors += 1

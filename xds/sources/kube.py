@@ -156,7 +156,6 @@ class Informer:
         self.resource_version = ""
         self.synced = threading.Event()
         self.lists = 0
-        self.watches = 0
         self._on_change = on_change
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -264,7 +263,6 @@ class Informer:
 
     def _watch_once(self) -> None:
         self._watch = current = watch.Watch()
-        self.watches += 1
         # The helper is untyped; its events should carry the type and the decoded object, and are
         # checked to (a line that is not JSON comes as None, any JSON as it is).
         stream: Iterator[object] = current.stream(
