@@ -158,12 +158,16 @@ def _settings(args: argparse.Namespace) -> Settings:
         kubeconfig=getattr(args, "kubeconfig", None),
         kube_context=_single_context(args),
         namespaces=tuple(getattr(args, "namespace", None) or ()),
-        xds_host=getattr(args, "xds_host", "127.0.0.1"),
-        xds_port=getattr(args, "xds_port", 18000),
-        admin_host=getattr(args, "admin_host", "127.0.0.1"),
+        xds_host=getattr(args, "xds_host", Settings.xds_host),
+        xds_port=getattr(args, "xds_port", Settings.xds_port),
+        admin_host=getattr(args, "admin_host", Settings.admin_host),
         admin_port=getattr(args, "admin_port", None),
         admin_token=_read_token(getattr(args, "admin_token_file", None)),
-        health_host=getattr(args, "health_host", "127.0.0.1"),
+        health_host=getattr(args, "health_host", Settings.health_host),
+        debounce_quiet_s=getattr(args, "debounce_quiet", Settings.debounce_quiet_s),
+        debounce_max_s=getattr(args, "debounce_max", Settings.debounce_max_s),
+        kube_watch_timeout_s=getattr(args, "kube_watch_timeout", Settings.kube_watch_timeout_s),
+        kube_read_timeout_s=getattr(args, "kube_read_timeout", Settings.kube_read_timeout_s),
         health_port=getattr(args, "health_port", None),
         tls_cert=_optional_path(getattr(args, "tls_cert", None)),
         tls_key=_optional_path(getattr(args, "tls_key", None)),
@@ -276,24 +280,24 @@ def _add_translation_options(parser: argparse.ArgumentParser, kubernetes: bool =
     parser.add_argument(
         "--listener-port-offset",
         type=int,
-        default=0,
+        default=Settings.listener_port_offset,
         metavar="N",
-        help="Envoy listens on service port + N (default 0)",
+        help=f"Envoy listens on service port + N (default {Settings.listener_port_offset})",
     )
     parser.add_argument(
         "--listener-address",
-        default="0.0.0.0",
-        help="address Envoy's listeners bind (default 0.0.0.0)",
+        default=Settings.listener_address,
+        help=f"address Envoy's listeners bind (default {Settings.listener_address})",
     )
     parser.add_argument(
         "--lb-policy",
-        default="RANDOM",
+        default=Settings.lb_policy,
         choices=LB_POLICIES,
-        help="default load balancing policy (default RANDOM)",
+        help=f"default load balancing policy (default {Settings.lb_policy})",
     )
     parser.add_argument(
         "--cluster-domain",
-        default="cluster.local",
+        default=Settings.cluster_domain,
         help="cluster DNS domain used in virtual host names",
     )
     parser.add_argument(
@@ -384,8 +388,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="serve xDS from manifests or the Kubernetes API")
     _add_translation_options(serve, kubernetes=True)
-    serve.add_argument("--xds-host", default="127.0.0.1", help="xDS listen address")
-    serve.add_argument("--xds-port", type=int, default=18000, help="xDS gRPC port (default 18000)")
+    serve.add_argument(
+        "--xds-host",
+        default=Settings.xds_host,
+        help=f"xDS listen address (default {Settings.xds_host})",
+    )
+    serve.add_argument(
+        "--xds-port",
+        type=int,
+        default=Settings.xds_port,
+        help=f"xDS gRPC port (default {Settings.xds_port})",
+    )
     serve.add_argument(
         "--admin-port",
         type=int,
@@ -394,8 +407,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--admin-host",
-        default="127.0.0.1",
+        default=Settings.admin_host,
         help="admin listen address (default 127.0.0.1: /debug/* shows every resource and client)",
+    )
+    serve.add_argument(
+        "--debounce-quiet",
+        type=float,
+        default=Settings.debounce_quiet_s,
+        metavar="SECONDS",
+        help="a change after this long without one is rebuilt at once; changes that follow are "
+        f"rebuilt together once this long passes without another (default "
+        f"{Settings.debounce_quiet_s})",
+    )
+    serve.add_argument(
+        "--debounce-max",
+        type=float,
+        default=Settings.debounce_max_s,
+        metavar="SECONDS",
+        help=f"but never later than this after the first (default {Settings.debounce_max_s})",
+    )
+    serve.add_argument(
+        "--kube-watch-timeout",
+        type=int,
+        default=Settings.kube_watch_timeout_s,
+        metavar="SECONDS",
+        help="the API server ends each watch after this long and it is resumed (default "
+        f"{Settings.kube_watch_timeout_s})",
+    )
+    serve.add_argument(
+        "--kube-read-timeout",
+        type=float,
+        default=Settings.kube_read_timeout_s,
+        metavar="SECONDS",
+        help="a watch silent for longer (no event, no bookmark) is taken for dead and replaced "
+        f"(default {Settings.kube_read_timeout_s:g})",
     )
     serve.add_argument(
         "--admin-token-file",
@@ -410,7 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
         "default)",
     )
     serve.add_argument(
-        "--health-host", default="127.0.0.1", help="health listen address (default 127.0.0.1)"
+        "--health-host",
+        default=Settings.health_host,
+        help=f"health listen address (default {Settings.health_host})",
     )
     serve.add_argument(
         "--tls-cert",

@@ -610,3 +610,26 @@ def test_demo_spread_shows_the_last_answers_beside_the_totals():
     assert rows["backend-1"].endswith("last 100:  50.0%")
     assert rows["backend-3"].endswith("last 100:   0.0%")
     assert "33.3%" in rows["backend-3"]  # the totals take their time
+
+
+def test_serve_takes_its_defaults_from_settings_and_sets_the_debounce_and_kube_timeouts():
+    import dataclasses
+
+    from xds.cli import _settings, build_parser
+    from xds.config import Settings
+
+    plain = _settings(build_parser().parse_args(["serve", "--manifests", str(DEMO)]))
+    # Every knob the CLI has no say in, and every default it has, is Settings' own.
+    assert dataclasses.replace(plain, manifests=()) == Settings()
+    tuned = _settings(
+        build_parser().parse_args(
+            [
+                "serve", "--kubernetes", "--debounce-quiet", "0.05", "--debounce-max", "2",
+                "--kube-watch-timeout", "60", "--kube-read-timeout", "75",
+            ]
+        )
+    )  # fmt: skip
+    assert (tuned.debounce_quiet_s, tuned.debounce_max_s) == (0.05, 2.0)
+    assert (tuned.kube_watch_timeout_s, tuned.kube_read_timeout_s) == (60, 75.0)
+    bad = xds("serve", "--manifests", str(DEMO), "--debounce-quiet", "3", "--debounce-max", "1")
+    assert bad.returncode == 2 and "debounce" in bad.stderr
