@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from xds.config import LB_POLICIES, SCOPES, ClusterSource, Settings, parse_cidr
+from xds.errors import USAGE, ConfigError
 
 if TYPE_CHECKING:  # imported where used: bootstrap is not loaded by the other commands
     from xds.bootstrap import BootstrapTLS
@@ -658,9 +659,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 zones=args.zones,
                 phase_seconds=args.phase_seconds,
             )
+    except ConfigError as exc:  # what the command line points at cannot be used
+        print(f"xds: {one_line(str(exc))}", file=sys.stderr)
+        return exc.exit_status
     except ValueError as exc:  # a setting that cannot work: a usage error
         print(f"xds: {one_line(str(exc))}", file=sys.stderr)
-        return 2
+        return USAGE
     except OSError as exc:  # a port in use, an unreadable path: say it, without a traceback
         print(f"xds: {one_line(str(exc))}", file=sys.stderr)
         return 1

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple, cast
 import grpc
 
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
+from xds.errors import ConfigError
 from xds.localities import Locality
 from xds.scopes import (
     NAMESPACE_KEY,
@@ -71,7 +72,7 @@ class Material:
 
 def _refuse_password() -> bytes:
     # ssl would otherwise prompt on the terminal for an encrypted key's passphrase.
-    raise ValueError("the private key is encrypted; give an unencrypted PEM key")
+    raise ConfigError("the private key is encrypted; give an unencrypted PEM key")
 
 
 def read_material(tls: ServerTLS) -> Material:
@@ -83,17 +84,17 @@ def read_material(tls: ServerTLS) -> Material:
     try:
         context.load_cert_chain(tls.cert, tls.key, password=_refuse_password)
     except ssl.SSLError as exc:
-        raise ValueError(
+        raise ConfigError(
             f"{tls.cert} and {tls.key} are not a PEM certificate chain and its key: {exc}"
         ) from None
     if tls.client_ca is not None:
         try:
             context.load_verify_locations(cadata=before[2].decode("ascii"))
         except (ssl.SSLError, UnicodeDecodeError, ValueError) as exc:
-            raise ValueError(f"{tls.client_ca} is not a PEM CA certificate: {exc}") from None
+            raise ConfigError(f"{tls.client_ca} is not a PEM CA certificate: {exc}") from None
     after = tuple(path.read_bytes() for path in tls.paths())
     if after != before:
-        raise ValueError("the files changed while they were read")
+        raise ConfigError("the files changed while they were read")
     return Material(before[0], before[1], before[2] if tls.client_ca is not None else None)
 
 

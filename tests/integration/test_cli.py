@@ -156,7 +156,7 @@ def test_demo_runs_and_spreads_traffic_over_the_three_backends():
 def test_serve_kubernetes_without_a_cluster_says_what_is_missing(tmp_path: Path):
     missing = tmp_path / "no-such-kubeconfig"
     result = xds("serve", "--kubernetes", "--kubeconfig", str(missing), "--xds-port", "0")
-    assert result.returncode == 2
+    assert result.returncode == 78  # EX_CONFIG: the command line is fine, its kubeconfig is not
     assert f"cannot configure the Kubernetes client from {missing}" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -501,7 +501,7 @@ def test_serve_kubernetes_with_no_configuration_at_all_says_so_in_one_line(tmp_p
     result = xds(
         "serve", "--kubernetes", "--xds-port", "0", env=without_kubernetes_config(tmp_path)
     )
-    assert result.returncode == 2
+    assert result.returncode == 78  # EX_CONFIG
     assert result.stderr == (
         "xds: cannot configure the Kubernetes client: no kubeconfig (--kubeconfig, $KUBECONFIG or "
         f"{tmp_path}/.kube/config) and not in a pod ($KUBERNETES_SERVICE_HOST is not set)\n"

@@ -38,6 +38,7 @@ import urllib3
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
+from xds.errors import ConfigError
 from xds.model import EndpointGroup, Mesh, Problem, ServiceEntry, ServiceKey
 from xds.sources.health import SourceHealth
 from xds.sources.manifests import Assembly, Converted, convert_documents
@@ -97,7 +98,7 @@ def api_client(settings: KubeSettings) -> client.ApiClient:
             candidates.append((home, home))
     if not candidates:
         missing = f"no kubeconfig (--kubeconfig, $KUBECONFIG or {home})"
-        raise ValueError(
+        raise ConfigError(
             "cannot configure the Kubernetes client: "
             + (
                 f"context {settings.context} asks for a kubeconfig, and there is {missing}"
@@ -122,7 +123,7 @@ def api_client(settings: KubeSettings) -> client.ApiClient:
             failures.append(f"from {origin}: {exc}")
             continue
         return client.ApiClient(configuration)
-    raise ValueError(f"cannot configure the Kubernetes client {'; nor '.join(failures)}")
+    raise ConfigError(f"cannot configure the Kubernetes client {'; nor '.join(failures)}")
 
 
 # An object's (namespace, name).
