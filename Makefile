@@ -50,6 +50,9 @@ bench: install
 	$(BIN)/python bench/propagation.py --mode ads --mode delta-ads
 	$(BIN)/python bench/grpc_propagation.py
 	$(BIN)/python bench/localities.py
+	$(BIN)/python bench/scopes.py
+	$(BIN)/python bench/large_subscription.py
+	$(BIN)/python bench/stream_state.py
 	$(BIN)/python bench/tracing_overhead.py
 	$(BIN)/python bench/fleet.py
 	$(BIN)/python bench/fleet.py --delta
