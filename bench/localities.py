@@ -51,9 +51,9 @@ from xds.model import (
     ServiceEntry,
     ServicePort,
 )
-from xds.resources import CLUSTER, ENDPOINT, Resource
+from xds.resources import CLUSTER, ENDPOINT, Resource, decode
 from xds.server.views import Variant, Views
-from xds.translate import Translation, Translator, decode
+from xds.translate import Translation, Translator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import bounded, machine  # noqa: E402

@@ -7,8 +7,8 @@ from xds._pb.envoy.extensions.filters.network.http_connection_manager.v3 import 
     http_connection_manager_pb2 as hcm_pb2,
 )
 from xds._pb.envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-from xds.resources import LISTENER
-from xds.translate import Translation, decode
+from xds.resources import LISTENER, decode
+from xds.translate import Translation
 
 Chain = tuple[str, str]  # (what the chain matches, where it goes)
 

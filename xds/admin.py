@@ -19,9 +19,8 @@ from google.protobuf import json_format
 from xds.cache import Cache
 from xds.metrics import CONTENT_TYPE, Metrics
 from xds.model import Problem
-from xds.resources import SHORT_NAMES, TYPES_BY_SHORT_NAME
+from xds.resources import SHORT_NAMES, TYPES_BY_SHORT_NAME, decode
 from xds.server.service import DiscoveryServer
-from xds.translate import decode
 
 log = logging.getLogger(__name__)
 

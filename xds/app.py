@@ -33,12 +33,12 @@ from xds.scopes import scope_rule
 from xds.server.callbacks import CallbackList
 from xds.server.service import DiscoveryServer, Locate, ServerLimits, start_server
 from xds.server.tracing import TracingCallbacks
-from xds.server.views import Scoping
+from xds.server.views import Scoping, for_api_type
 from xds.sources.clusters import ClusterSet, Member, Watch
 from xds.sources.files import ManifestSource
 from xds.sources.health import SourceHealth
 from xds.tls import NODE_NAME_KEY, CertificateReloader, IdentityGate, ServerTLS, log_transport
-from xds.translate import Translation, Translator, for_api_type, for_scope
+from xds.translate import Translation, Translator, for_scope
 
 if TYPE_CHECKING:
     from xds.sources.kube import KubeSource

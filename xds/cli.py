@@ -820,8 +820,9 @@ def _status(admins: list[str], output: str, token: str | None = None) -> int:
 
 
 def _translate(settings: Settings) -> int:
+    from xds.resources import to_json
     from xds.sources.files import ManifestSource
-    from xds.translate import to_json, translate
+    from xds.translate import translate
 
     source: ManifestSource | ClusterSet
     if settings.clusters:

@@ -9,9 +9,11 @@ frames itself; everything else is upb's.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from google.protobuf import json_format
 from google.protobuf.message import Message
 
 PREFIX = "type.googleapis.com/"
@@ -172,3 +174,35 @@ def format_version(digest: int) -> str:
 
 _SHARES: dict[tuple[str, str], int] = {}
 _SHARES_KEPT = 1_000_000
+
+
+def decode(resource: Resource) -> Message:
+    """The message behind a resource, for display and tests; the hot path never needs it."""
+    # Imported here: the generated modules load only where resources are shown.
+    from xds._pb.envoy.config.cluster.v3 import cluster_pb2
+    from xds._pb.envoy.config.endpoint.v3 import endpoint_pb2
+    from xds._pb.envoy.config.listener.v3 import listener_pb2
+    from xds._pb.envoy.config.route.v3 import route_pb2
+
+    message_types: dict[str, type[Message]] = {
+        CLUSTER: cluster_pb2.Cluster,
+        ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
+        LISTENER: listener_pb2.Listener,
+        ROUTE: route_pb2.RouteConfiguration,
+    }
+    message = message_types[resource.type_url]()
+    message.ParseFromString(resource.body)
+    return message
+
+
+def to_json(
+    resources_by_type: Mapping[str, Mapping[str, Resource]],
+) -> dict[str, list[dict[str, Any]]]:
+    """Resources as proto3 JSON, grouped by short type name (CDS, EDS, LDS, RDS, API)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for type_url in SNAPSHOT_TYPES:
+        items = resources_by_type.get(type_url, {})
+        out[SHORT_NAMES[type_url]] = [
+            json_format.MessageToDict(decode(items[name])) for name in sorted(items)
+        ]
+    return out

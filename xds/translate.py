@@ -93,12 +93,11 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import NamedTuple, TypeVar, cast
 
 from google.protobuf import any_pb2, duration_pb2, json_format, wrappers_pb2
 from google.protobuf.message import Message
 
-from xds import resources
 from xds._pb.envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
 from xds._pb.envoy.config.core.v3 import (
     address_pb2,
@@ -114,7 +113,7 @@ from xds._pb.envoy.config.listener.v3 import (
     listener_components_pb2,
     listener_pb2,
 )
-from xds._pb.envoy.config.route.v3 import route_components_pb2, route_pb2
+from xds._pb.envoy.config.route.v3 import route_components_pb2
 from xds._pb.envoy.config.trace.v3 import http_tracer_pb2, opentelemetry_pb2
 from xds._pb.envoy.extensions.filters.http.router.v3 import router_pb2
 from xds._pb.envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2
@@ -1812,42 +1811,6 @@ def _lb_endpoint(
     )
 
 
-def for_api_type(resource: Resource, api_type: str, xds_cluster: str) -> Resource:
-    """The resource for a client on per-type streams of `api_type` (GRPC or DELTA_GRPC): its EDS or
-    RDS config source names the control plane's cluster instead of ADS. Other types pass as is."""
-    if resource.type_url not in (CLUSTER, LISTENER):
-        return resource
-    source = config_source_pb2.ConfigSource(
-        api_config_source=config_source_pb2.ApiConfigSource(
-            api_type=api_type,
-            transport_api_version=config_source_pb2.V3,
-            grpc_services=[
-                grpc_service_pb2.GrpcService(
-                    envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=xds_cluster)
-                )
-            ],
-            set_node_on_first_message_only=True,
-        ),
-        resource_api_version=config_source_pb2.V3,
-    )
-    message = decode(resource)
-    if isinstance(message, cluster_pb2.Cluster):
-        if message.eds_cluster_config.eds_config.HasField("ads"):
-            message.eds_cluster_config.eds_config.CopyFrom(source)
-    elif isinstance(message, listener_pb2.Listener):
-        configs = [f.typed_config for chain in message.filter_chains for f in chain.filters]
-        if message.HasField("api_listener"):
-            configs.append(message.api_listener.api_listener)
-        for config in configs:
-            manager = hcm_pb2.HttpConnectionManager()
-            if not config.Unpack(manager):
-                continue
-            if manager.rds.config_source.HasField("ads"):
-                manager.rds.config_source.CopyFrom(source)
-                config.Pack(manager)
-    return Resource.from_message(resource.name, message, refs=resource.refs)
-
-
 def for_scope(resource: Resource, namespace: str, settings: Settings) -> Resource | None:
     """The resource as clients of `namespace` see it under namespace scoping (`xds.scopes`), or
     None when nothing of it is visible to them: a Service's cluster and endpoints as they are; a
@@ -1891,40 +1854,12 @@ def translate(mesh: Mesh, settings: Settings) -> Translation:
     return Translator(settings).translate(mesh)
 
 
-def decode(resource: Resource) -> Message:
-    """The message behind a resource, for display and tests; the hot path never needs it."""
-    message_types: dict[str, type[Message]] = {
-        CLUSTER: cluster_pb2.Cluster,
-        ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
-        LISTENER: listener_pb2.Listener,
-        ROUTE: route_pb2.RouteConfiguration,
-    }
-    message = message_types[resource.type_url]()
-    message.ParseFromString(resource.body)
-    return message
-
-
-def to_json(
-    resources_by_type: Mapping[str, Mapping[str, Resource]],
-) -> dict[str, list[dict[str, Any]]]:
-    """Resources as proto3 JSON, grouped by short type name (CDS, EDS, LDS, RDS)."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    for type_url in resources.SNAPSHOT_TYPES:
-        items = resources_by_type.get(type_url, {})
-        out[resources.SHORT_NAMES[type_url]] = [
-            json_format.MessageToDict(decode(items[name])) for name in sorted(items)
-        ]
-    return out
-
-
 __all__ = [
     "Translation",
     "Translator",
     "cluster_name",
-    "decode",
     "for_scope",
     "listener_name",
     "route_name",
-    "to_json",
     "translate",
 ]

@@ -15,8 +15,7 @@ from tests.integration.conftest import LOOPBACK, endpoint_slice, service, write_
 from xds.app import ControlPlane
 from xds.config import Settings
 from xds.local import Envoy, free_port, free_port_offset, wait_for
-from xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from xds.translate import decode
+from xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, decode
 
 # Where each type sits in Envoy's /config_dump, and the key of its resource there.
 DUMP_PATHS = {

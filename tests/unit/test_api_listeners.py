@@ -14,12 +14,12 @@ from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.cache import Cache, Snapshot
 from xds.config import Settings
 from xds.model import Endpoint, EndpointGroup, EndpointPort, ServiceEntry, ServicePort
-from xds.resources import API_LISTENER, CLUSTER, ENDPOINT, LISTENER, ROUTE
+from xds.resources import API_LISTENER, CLUSTER, ENDPOINT, LISTENER, ROUTE, decode
 from xds.server.delta import DeltaStream
 from xds.server.index import SubscriptionIndex
 from xds.server.sotw import SotwStream
 from xds.server.views import Variant, Views
-from xds.translate import Translator, decode, for_scope, translate
+from xds.translate import Translator, for_scope, translate
 
 GRPC = ServicePort(50051, "grpc", "grpc")
 TCP = ServicePort(6379, "redis", "redis")

@@ -11,11 +11,11 @@ import yaml
 from xds.config import Settings
 from xds.localities import Locality, for_locality
 from xds.model import Mesh, Problem, ServiceKey
-from xds.resources import ENDPOINT
+from xds.resources import ENDPOINT, decode
 from xds.sources.clusters import ClusterSet
 from xds.sources.files import ManifestSource
 from xds.sources.health import PartState, SourceHealth
-from xds.translate import Translator, decode
+from xds.translate import Translator
 
 WEB = ServiceKey("shop", "web")
 

@@ -14,9 +14,9 @@ from xds._pb.envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from xds.cache import Snapshot
 from xds.config import Settings
 from xds.model import Problem
-from xds.resources import CLUSTER, ENDPOINT, LISTENER, Resource
+from xds.resources import CLUSTER, ENDPOINT, LISTENER, Resource, decode
 from xds.sources.files import ManifestSource
-from xds.translate import Translation, decode, translate
+from xds.translate import Translation, translate
 
 DATA = Path(__file__).parent.parent / "data"
 

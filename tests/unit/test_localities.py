@@ -11,10 +11,10 @@ from xds.cache import Cache
 from xds.config import Settings
 from xds.localities import Locality, LocalityAware, for_locality
 from xds.model import Endpoint, EndpointGroup, EndpointPort, ServiceEntry
-from xds.resources import CLUSTER, ENDPOINT, Resource
+from xds.resources import CLUSTER, ENDPOINT, Resource, decode
 from xds.server.views import Variant, Views
 from xds.sources.manifests import convert_documents
-from xds.translate import Translator, decode, translate
+from xds.translate import Translator, translate
 
 ZONES = {  # address -> (region, zone)
     "10.1.0.1": ("eu", "eu-a"),

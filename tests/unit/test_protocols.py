@@ -14,8 +14,8 @@ from xds.cache import Snapshot
 from xds.config import Settings
 from xds.model import Mesh, Service, ServiceEntry, ServicePort
 from xds.protocols import Kind, port_protocol
-from xds.resources import CLUSTER, LISTENER, ROUTE
-from xds.translate import Translation, Translator, decode, translate
+from xds.resources import CLUSTER, LISTENER, ROUTE, decode
+from xds.translate import Translation, Translator, translate
 
 
 def svc(

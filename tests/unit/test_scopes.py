@@ -13,10 +13,10 @@ from xds._pb.envoy.config.listener.v3 import listener_pb2
 from xds.cache import Cache, Snapshot
 from xds.config import Settings
 from xds.model import Endpoint, EndpointGroup, EndpointPort, Mesh, ServiceEntry, ServicePort
-from xds.resources import ADS_ORDER, CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource
+from xds.resources import ADS_ORDER, CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource, decode
 from xds.scopes import EXPORT_TO_ANNOTATION, ScopeIndex, parse_export_to, scope_rule
 from xds.server.views import Variant, Views
-from xds.translate import Translator, decode, for_scope, translate
+from xds.translate import Translator, for_scope, translate
 
 SCOPED = Settings(scope="namespace", allowed_endpoint_ranges=("127.0.0.0/8",))
 TCP = (ServicePort(5432, "tcp-db", 5432),)

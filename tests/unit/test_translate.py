@@ -20,14 +20,8 @@ from xds.model import (
     ServiceEntry,
     ServicePort,
 )
-from xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE
-from xds.translate import (
-    CLUSTER_PATCH_ANNOTATION,
-    LB_POLICY_ANNOTATION,
-    Translator,
-    decode,
-    translate,
-)
+from xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, decode
+from xds.translate import CLUSTER_PATCH_ANNOTATION, LB_POLICY_ANNOTATION, Translator, translate
 
 
 def service(
@@ -257,7 +251,7 @@ def test_only_the_changed_service_is_translated_again():
 
 
 def test_per_type_clients_get_config_sources_naming_the_server_cluster():
-    from xds.translate import for_api_type
+    from xds.server.views import for_api_type
 
     out = translate(mesh(ServiceEntry(service("web"), (group("10.1.0.1"),))), Settings())
     cluster = decode(for_api_type(out.resources[CLUSTER]["default/web:http"], "DELTA_GRPC", "cp"))

@@ -25,7 +25,7 @@ from xds.model import (
     ServiceEntry,
     ServicePort,
 )
-from xds.resources import CLUSTER, ENDPOINT, ROUTE
+from xds.resources import CLUSTER, ENDPOINT, ROUTE, decode
 from xds.translate import (
     CLUSTER_PATCH_ANNOTATION,
     CONNECT_TIMEOUT_ANNOTATION,
@@ -34,7 +34,6 @@ from xds.translate import (
     PATCHABLE_CLUSTER_FIELDS,
     Translation,
     Translator,
-    decode,
     translate,
 )
 

@@ -23,6 +23,12 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
+from xds._pb.envoy.config.cluster.v3 import cluster_pb2
+from xds._pb.envoy.config.core.v3 import config_source_pb2, grpc_service_pb2
+from xds._pb.envoy.config.listener.v3 import listener_pb2
+from xds._pb.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
 from xds.cache import Changes, Snapshot
 from xds.localities import Locality
 from xds.resources import (
@@ -32,6 +38,7 @@ from xds.resources import (
     LISTENER,
     SNAPSHOT_TYPES,
     Resource,
+    decode,
     format_version,
     version_share,
 )
@@ -258,3 +265,39 @@ class Views:
                 return None
         self._derived[(variant, type_url)] = _Derived(serial, {}, {}, 0, same=True)
         return available, snapshot.version(type_url)
+
+
+def for_api_type(resource: Resource, api_type: str, xds_cluster: str) -> Resource:
+    """The resource for a client on per-type streams of `api_type` (GRPC or DELTA_GRPC): its EDS or
+    RDS config source names the control plane's cluster instead of ADS. Other types pass as is."""
+    if resource.type_url not in (CLUSTER, LISTENER):
+        return resource
+    source = config_source_pb2.ConfigSource(
+        api_config_source=config_source_pb2.ApiConfigSource(
+            api_type=api_type,
+            transport_api_version=config_source_pb2.V3,
+            grpc_services=[
+                grpc_service_pb2.GrpcService(
+                    envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=xds_cluster)
+                )
+            ],
+            set_node_on_first_message_only=True,
+        ),
+        resource_api_version=config_source_pb2.V3,
+    )
+    message = decode(resource)
+    if isinstance(message, cluster_pb2.Cluster):
+        if message.eds_cluster_config.eds_config.HasField("ads"):
+            message.eds_cluster_config.eds_config.CopyFrom(source)
+    elif isinstance(message, listener_pb2.Listener):
+        configs = [f.typed_config for chain in message.filter_chains for f in chain.filters]
+        if message.HasField("api_listener"):
+            configs.append(message.api_listener.api_listener)
+        for config in configs:
+            manager = hcm_pb2.HttpConnectionManager()
+            if not config.Unpack(manager):
+                continue
+            if manager.rds.config_source.HasField("ads"):
+                manager.rds.config_source.CopyFrom(source)
+                config.Pack(manager)
+    return Resource.from_message(resource.name, message, refs=resource.refs)
