@@ -14,6 +14,7 @@ import grpc
 
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.cache import Cache
+from xds.local import wait_for
 from xds.resources import CLUSTER, ENDPOINT, Resource
 from xds.server.service import DiscoveryServer, start_server
 
@@ -34,15 +35,6 @@ def snapshot() -> dict[str, dict[str, Resource]]:
         CLUSTER: {cluster.name: cluster},
         ENDPOINT: {"ns/a:http": Resource.from_bytes(ENDPOINT, "ns/a:http", b"")},
     }
-
-
-async def wait_until(predicate: object, timeout: float) -> None:
-    assert callable(predicate)
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.05)
 
 
 async def test_a_storm_of_streams_is_all_accepted_and_all_answered() -> None:
@@ -91,7 +83,7 @@ async def test_a_storm_of_streams_is_all_accepted_and_all_answered() -> None:
     finally:
         for call in calls:
             call.cancel()
-        await wait_until(lambda: not server.streams, DEADLINE_S)
+        await wait_for(lambda: not server.streams, DEADLINE_S)
         for channel in channels:
             await channel.close()
         await grpc_server.stop(None)

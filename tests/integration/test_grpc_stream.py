@@ -9,6 +9,7 @@ import pytest
 
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.cache import Cache
+from xds.local import wait_for
 from xds.resources import CLUSTER, ENDPOINT, Resource
 from xds.server.service import DiscoveryServer, start_server
 
@@ -49,14 +50,6 @@ def ads_method(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamMultiCallable:
     )
 
 
-async def wait_until(predicate, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.01)
-
-
 async def test_ads_stream_answers_acks_wakes_on_publish_and_cleans_up(served):
     cache, server, channel = served
     call = ads_call(channel)
@@ -71,7 +64,7 @@ async def test_ads_stream_answers_acks_wakes_on_publish_and_cleans_up(served):
         )
     )
     [stream] = server.streams.values()
-    await wait_until(lambda: stream.types[CLUSTER].acked_version == first.version_info)
+    await wait_for(lambda: stream.types[CLUSTER].acked_version == first.version_info)
     assert server.syncz()[0]["node_id"] == "test-node"
 
     cache.publish(resources(b"\x0a\x01b"))
@@ -80,7 +73,7 @@ async def test_ads_stream_answers_acks_wakes_on_publish_and_cleans_up(served):
     assert second.nonce != first.nonce
 
     await call.done_writing()
-    await wait_until(lambda: not server.streams)
+    await wait_for(lambda: not server.streams)
 
 
 async def test_cancelled_streams_leave_nothing_behind(served):
@@ -91,8 +84,8 @@ async def test_cancelled_streams_leave_nothing_behind(served):
         await call.write(discovery_pb2.DiscoveryRequest(type_url=CLUSTER))
         await asyncio.wait_for(call.read(), 5)
         call.cancel()
-    await wait_until(lambda: not server.streams)
-    await wait_until(lambda: len(asyncio.all_tasks()) <= tasks_before)
+    await wait_for(lambda: not server.streams)
+    await wait_for(lambda: len(asyncio.all_tasks()) <= tasks_before)
 
 
 async def test_a_client_that_never_acks_gets_one_response_per_type(served):
@@ -102,9 +95,9 @@ async def test_a_client_that_never_acks_gets_one_response_per_type(served):
     await call.write(
         discovery_pb2.DiscoveryRequest(type_url=ENDPOINT, resource_names=["ns/a:http"])
     )
-    await wait_until(lambda: server.streams and len(next(iter(server.streams.values())).types) == 2)
+    await wait_for(lambda: server.streams and len(next(iter(server.streams.values())).types) == 2)
     [stream] = server.streams.values()
-    await wait_until(lambda: all(s.awaiting_ack for s in stream.types.values()))
+    await wait_for(lambda: all(s.awaiting_ack for s in stream.types.values()))
     nonces = {t: s.last_nonce for t, s in stream.types.items()}
     for generation in range(200):
         cache.publish(resources(bytes([0x0A, 0x01, generation % 250])))
@@ -112,7 +105,7 @@ async def test_a_client_that_never_acks_gets_one_response_per_type(served):
     # Nothing more was sent: each type still waits for the answer to its first response.
     assert {t: s.last_nonce for t, s in stream.types.items()} == nonces
     call.cancel()
-    await wait_until(lambda: not server.streams)
+    await wait_for(lambda: not server.streams)
 
 
 async def test_ten_thousand_connect_disconnect_cycles_leave_tasks_and_memory_flat(served):
@@ -133,7 +126,7 @@ async def test_ten_thousand_connect_disconnect_cycles_leave_tasks_and_memory_fla
                 await call.done_writing()
                 await call.wait_for_connection()
                 assert await call.code() == grpc.StatusCode.OK
-        await wait_until(lambda: not server.streams)
+        await wait_for(lambda: not server.streams)
 
     await cycles(1_000)  # warm up: grpc and asyncio allocate their pools once
     gc.collect()
@@ -144,7 +137,7 @@ async def test_ten_thousand_connect_disconnect_cycles_leave_tasks_and_memory_fla
     gc.collect()
     grown = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
-    await wait_until(lambda: len(asyncio.all_tasks()) <= tasks_before)
+    await wait_for(lambda: len(asyncio.all_tasks()) <= tasks_before)
     print(f"10,000 cycles: Python heap grew by {grown / 1024:.0f} KiB")
     assert grown < 2 * 1024 * 1024  # a leak of ~200 bytes a stream would show as 1.7 MiB
 
@@ -176,7 +169,7 @@ async def test_a_publish_wakes_only_the_streams_it_concerns(served):
             )
         )
         calls.append(call)
-    await wait_until(
+    await wait_for(
         lambda: (
             len(server.streams) == 20
             and all(s.types[ENDPOINT].acks == 1 for s in server.streams.values())
@@ -189,7 +182,7 @@ async def test_a_publish_wakes_only_the_streams_it_concerns(served):
     assert server.wakeups == before + 1  # the other 19 streams slept through it
     for call in calls:
         call.cancel()
-    await wait_until(lambda: not server.streams)
+    await wait_for(lambda: not server.streams)
 
 
 async def test_an_unknown_type_is_answered_over_grpc_and_not_reported(served):
@@ -215,7 +208,7 @@ async def test_an_unknown_type_is_answered_over_grpc_and_not_reported(served):
     assert clusters.type_url == CLUSTER
     assert pushed == [CLUSTER]  # metrics and traces are labelled by the types served only
     call.cancel()
-    await wait_until(lambda: not server.streams)
+    await wait_for(lambda: not server.streams)
 
 
 async def test_a_huge_node_id_ends_the_stream_with_invalid_argument(served):
@@ -224,7 +217,7 @@ async def test_a_huge_node_id_ends_the_stream_with_invalid_argument(served):
     await call.write(discovery_pb2.DiscoveryRequest(type_url=CLUSTER, node={"id": "n" * 1_000_000}))
     assert await asyncio.wait_for(call.code(), 5) == grpc.StatusCode.INVALID_ARGUMENT
     assert "node.id has 1000000 characters" in await call.details()
-    await wait_until(lambda: not server.streams)
+    await wait_for(lambda: not server.streams)
     assert server.syncz() == []
     # A proxy with a real id is served as before.
     call = ads_call(channel)
@@ -232,4 +225,4 @@ async def test_a_huge_node_id_ends_the_stream_with_invalid_argument(served):
     await asyncio.wait_for(call.read(), 5)
     assert [s["node_id"] for s in server.syncz()] == ["proxy-1"]
     call.cancel()
-    await wait_until(lambda: not server.streams)
+    await wait_for(lambda: not server.streams)

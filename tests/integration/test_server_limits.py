@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import resource
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.app import ControlPlane
 from xds.cache import Cache
 from xds.cli import _settings, build_parser
+from xds.local import wait_for
 from xds.resources import CLUSTER, ENDPOINT, Resource
 from xds.server.service import (
     MAX_RECEIVE_MESSAGE_BYTES,
@@ -70,14 +71,6 @@ def ads_call(ch: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
         request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
         response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
     )()
-
-
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    deadline = asyncio.get_running_loop().time() + DEADLINE_S
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.01)
 
 
 async def read_until_closed(sock: socket.socket) -> bytes:
@@ -135,7 +128,7 @@ async def test_a_request_over_the_receive_limit_ends_the_stream_and_one_under_it
         big = discovery_pb2.DiscoveryRequest(type_url=CLUSTER, node={"cluster": "c" * limit})
         await call.write(big)
         assert await asyncio.wait_for(call.code(), DEADLINE_S) == grpc.StatusCode.RESOURCE_EXHAUSTED
-        await wait_until(lambda: not server.streams)
+        await wait_for(lambda: not server.streams)
         await ch.close()
 
 
@@ -186,7 +179,7 @@ async def test_old_connections_are_closed_and_the_client_reconnects() -> None:
         # The stream outlives neither the age nor its grace: the client sees it end and opens
         # another, as Envoy does (on another replica, if the address leads to several).
         assert await asyncio.wait_for(call.code(), DEADLINE_S) == grpc.StatusCode.UNAVAILABLE
-        await wait_until(lambda: not server.streams)
+        await wait_for(lambda: not server.streams)
         again = ads_call(ch)
         await again.write(discovery_pb2.DiscoveryRequest(type_url=CLUSTER))
         await asyncio.wait_for(again.read(), DEADLINE_S)
@@ -202,7 +195,7 @@ async def test_a_connection_without_streams_is_closed_when_idle() -> None:
         await asyncio.wait_for(call.read(), DEADLINE_S)
         assert ch.get_state() == grpc.ChannelConnectivity.READY
         call.cancel()
-        await wait_until(lambda: not server.streams)
+        await wait_for(lambda: not server.streams)
         # No stream left: the server's GOAWAY sends the channel back to IDLE.
         await asyncio.wait_for(ch.wait_for_state_change(grpc.ChannelConnectivity.READY), DEADLINE_S)
         assert ch.get_state() == grpc.ChannelConnectivity.IDLE
@@ -225,14 +218,14 @@ async def test_streams_past_the_limit_per_client_address_are_refused() -> None:
         )
         assert "2 streams are open from 127.0.0.1" in await refused.details()
         calls[0].cancel()
-        await wait_until(lambda: len(server.streams) == 1)
-        await wait_until(lambda: sum(server._per_peer.values()) == 1)
+        await wait_for(lambda: len(server.streams) == 1)
+        await wait_for(lambda: sum(server._per_peer.values()) == 1)
         accepted = ads_call(channels[2])
         await accepted.write(discovery_pb2.DiscoveryRequest(type_url=CLUSTER))
         await asyncio.wait_for(accepted.read(), DEADLINE_S)
         for call in (calls[1], accepted):
             call.cancel()
-        await wait_until(lambda: not server._per_peer)
+        await wait_for(lambda: not server._per_peer)
         for ch in channels:
             await ch.close()
 
@@ -264,7 +257,7 @@ async def test_the_serve_flags_reach_the_running_server(tmp_path: Path) -> None:
             grpc.StatusCode.RESOURCE_EXHAUSTED
         )
         first.cancel()
-        await wait_until(lambda: not plane.server.streams)  # the per-address limit is free
+        await wait_for(lambda: not plane.server.streams)  # the per-address limit is free
         big = ads_call(second_channel)
         await big.write(discovery_pb2.DiscoveryRequest(type_url=CLUSTER, node={"id": "n" * 70_000}))
         assert await asyncio.wait_for(big.code(), DEADLINE_S) == grpc.StatusCode.RESOURCE_EXHAUSTED
