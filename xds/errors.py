@@ -8,14 +8,8 @@ running (a port in use, a file that cannot be read) exits 1.
 
 from __future__ import annotations
 
-USAGE = 2
+USAGE = 2  # argparse's own, and a ValueError from a setting that cannot work
 CONFIG = 78  # sysexits EX_CONFIG
-
-
-class UsageError(ValueError):
-    """An option or value that cannot work (exit 2)."""
-
-    exit_status = USAGE
 
 
 class ConfigError(ValueError):

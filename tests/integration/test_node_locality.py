@@ -66,7 +66,7 @@ async def test_a_node_proxy_is_placed_in_its_nodes_zone(tmp_path: Path, api: Kub
     api.apply(ENDPOINTSLICES, slice_)
     plane = kube_plane(tmp_path, api)
     ports = await plane.start()
-    # Named after their node, as deploy/03-envoy.yaml's DaemonSet names them; no locality.
+    # Named after their node, as the DaemonSet of deploy/overlays/demo names them; no locality.
     placed = Envoy(f"127.0.0.1:{ports.xds}", node_id="kind-worker", workdir=tmp_path)
     unknown = Envoy(f"127.0.0.1:{ports.xds}", node_id="kind-worker9", workdir=tmp_path)
     try:
