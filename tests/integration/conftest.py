@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,8 +9,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 
+from tests.factories import endpoint_slice, service, write_manifests
 from xds.app import ControlPlane
 from xds.config import Settings
 from xds.local import Envoy, free_port
@@ -19,54 +18,8 @@ from xds.local import Envoy, free_port
 # Every test backend runs on loopback, which the control plane refuses as an endpoint unless
 # allowed (from a real proxy it would reach the proxy's own node).
 LOOPBACK = ("127.0.0.0/8",)
-
-
-def service(
-    name: str,
-    port: int,
-    namespace: str = "default",
-    cluster_ip: str | None = None,
-    annotations: dict[str, str] | None = None,
-    port_name: str = "http",
-    **spec: Any,
-) -> dict[str, Any]:
-    metadata: dict[str, Any] = {"name": name, "namespace": namespace}
-    if annotations:
-        metadata["annotations"] = annotations
-    body: dict[str, Any] = {"ports": [{"name": port_name, "port": port, "targetPort": port_name}]}
-    if cluster_ip:
-        body["clusterIP"] = cluster_ip
-    body.update(spec)
-    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata, "spec": body}
-
-
-def endpoint_slice(
-    service_name: str,
-    addresses: list[str],
-    port: int,
-    namespace: str = "default",
-    name: str | None = None,
-    port_name: str = "http",
-) -> dict[str, Any]:
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": name or f"{service_name}-slice",
-            "namespace": namespace,
-            "labels": {"kubernetes.io/service-name": service_name},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": port_name, "port": port}],
-        "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
-    }
-
-
-def write_manifests(path: Path, *objects: dict[str, Any]) -> None:
-    """Atomically, as editors and `kubectl`-style tools do: the watcher must see one change."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump_all(objects, sort_keys=False))
-    os.replace(tmp, path)
+# Built and written in tests/factories.py; imported from here by the integration tests.
+__all__ = ["LOOPBACK", "Mesh", "endpoint_slice", "service", "write_manifests"]
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.factories import replace_atomically
 from xds.model import Problem, ServiceKey
 from xds.sources import files
 from xds.sources.files import ManifestSource
@@ -46,13 +47,6 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
-
-
-def replace_atomically(path: Path, text: str) -> None:
-    """What editors and config-management tools do: write a temporary file, rename it over."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def problems_applied(source: ManifestSource) -> list[Problem]:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from tests import factories
 from tests.kubeapi import ENDPOINTSLICES, SERVICES, KubeAPIServer
 from xds.model import Mesh, ServiceKey
 from xds.sources import kube
@@ -24,23 +25,11 @@ TIMEOUT_S = 10.0
 
 
 def service(name: str, port: int = 80) -> dict[str, Any]:
-    return {
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {"ports": [{"name": "http", "port": port, "protocol": "TCP"}]},
-    }
+    return factories.service(name, port)
 
 
 def endpoint_slice(service_name: str, ip: str) -> dict[str, Any]:
-    return {
-        "metadata": {
-            "name": f"{service_name}-a",
-            "namespace": "default",
-            "labels": {"kubernetes.io/service-name": service_name},
-        },
-        "addressType": "IPv4",
-        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}}],
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-    }
+    return factories.endpoint_slice(service_name, [ip], name=f"{service_name}-a")
 
 
 @pytest.fixture

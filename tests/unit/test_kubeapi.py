@@ -21,29 +21,18 @@ import urllib3
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
+from tests import factories
 from tests.kubeapi import ENDPOINTS, ENDPOINTSLICES, NODES, SERVICES, KubeAPIServer
 
 DEADLINE = 5.0
 
 
 def service(name: str, namespace: str = "default", port: int = 80, **labels: str) -> dict:
-    return {
-        "metadata": {"name": name, "namespace": namespace, "labels": labels},
-        "spec": {"ports": [{"name": "http", "port": port, "protocol": "TCP"}]},
-    }
+    return factories.service(name, port, namespace, labels=labels)
 
 
 def endpoint_slice(name: str, namespace: str, service_name: str, ip: str) -> dict:
-    return {
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {"kubernetes.io/service-name": service_name},
-        },
-        "addressType": "IPv4",
-        "endpoints": [{"addresses": [ip], "conditions": {"ready": True}}],
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-    }
+    return factories.endpoint_slice(service_name, [ip], namespace=namespace, name=name)
 
 
 class Collector:

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from google.protobuf.message import DecodeError
 
+from tests.factories import replace_atomically as replace
 from xds._pb.envoy.service.discovery.v3 import discovery_pb2
 from xds.config import Settings
 from xds.resources import CLUSTER
@@ -53,13 +54,6 @@ class Pair:
         replace(directory / cert, self.cert)
         replace(directory / key, self.key)
         return ServerTLS(directory / cert, directory / key)
-
-
-def replace(path: Path, data: bytes) -> None:
-    """Atomically, as cert-manager and Kubernetes Secret volumes do."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class Authority:
