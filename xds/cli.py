@@ -603,6 +603,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="the token of xds serve --admin-token-file, when the admin server requires one",
     )
+    status.add_argument(
+        "--kubernetes-service",
+        metavar="NAMESPACE/NAME",
+        help="ask every ready replica behind this Service (its EndpointSlices, by the port named "
+        "--admin-port-name), from a pod or with a kubeconfig (--kubeconfig, --context)",
+    )
+    status.add_argument(
+        "--admin-port-name",
+        default="http-admin",
+        help="the Service port of the replicas' admin servers (default http-admin)",
+    )
+    status.add_argument("--kubeconfig", metavar="PATH", help="kubeconfig file")
+    status.add_argument("--context", metavar="NAME", help="kubeconfig context")
 
     demo = commands.add_parser(
         "demo", help="run the control plane, Envoy and three backends, and show the traffic"
@@ -647,9 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "translate":
             return _translate(_settings(args))
         if args.command == "status":
-            return _status(
-                args.admin or ["127.0.0.1:9902"], args.output, _read_token(args.token_file)
-            )
+            return _status(_admins(args), args.output, _read_token(args.token_file))
         if args.command == "demo":
             from xds.demo import run_demo
 
@@ -790,6 +801,33 @@ def _read_token(path: str | None) -> str | None:
     if not token:
         raise SystemExit(f"xds: the token file {path} is empty")
     return token
+
+
+def _admins(args: argparse.Namespace) -> list[str]:
+    """The replicas `xds status` asks: --admin, and those behind --kubernetes-service."""
+    admins: list[str] = list(args.admin or [])
+    if args.kubernetes_service:
+        from xds.sources.kube import KubeSettings, service_addresses
+
+        namespace, slash, name = args.kubernetes_service.partition("/")
+        if not slash or not namespace or not name:
+            raise ValueError(
+                f"--kubernetes-service {args.kubernetes_service!r} is not NAMESPACE/NAME"
+            )
+        found = service_addresses(
+            KubeSettings(kubeconfig=args.kubeconfig, context=args.context),
+            namespace,
+            name,
+            args.admin_port_name,
+        )
+        if not found:
+            raise OSError(
+                f"no ready endpoint of Service {namespace}/{name} has a port named "
+                f"{args.admin_port_name!r} (its replicas' admin servers must listen on the pod "
+                "address: xds serve --admin-host 0.0.0.0 --admin-token-file ...)"
+            )
+        admins.extend(found)
+    return admins or ["127.0.0.1:9902"]
 
 
 def _status(admins: list[str], output: str, token: str | None = None) -> int:

@@ -119,3 +119,73 @@ def test_a_rejected_resource_is_named_and_the_nack_is_whole_in_wide():
     assert "ipv4:127.0.0.1:5000" in wide
     assert ("n1 CDS version v2: cluster 'a/web:http': bad value " + "x" * 200) in wide
     assert render({}) == "no proxies connected"
+
+
+async def test_status_finds_the_replicas_behind_the_control_planes_service(tmp_path: Path):
+    from tests.integration.test_kube import kubeconfig
+    from tests.kubeapi import ENDPOINTSLICES, KubeAPIServer
+
+    planes = []
+    admins = []
+    try:
+        with KubeAPIServer() as api:
+            for index in range(2):
+                plane = ControlPlane(
+                    Settings(
+                        manifests=(DEMO,),
+                        xds_port=0,
+                        admin_port=0,
+                        listener_address="127.0.0.1",
+                        listener_port_offset=free_port_offset([80]),
+                        allowed_endpoint_ranges=LOOPBACK,
+                    )
+                )
+                ports = await plane.start()
+                planes.append(plane)
+                admins.append(f"127.0.0.1:{ports.admin}")
+                # One slice per replica: both on 127.0.0.1, each with its own admin port.
+                api.apply(
+                    ENDPOINTSLICES,
+                    {
+                        "metadata": {
+                            "name": f"xds-control-plane-{index}",
+                            "namespace": "xds-system",
+                            "labels": {"kubernetes.io/service-name": "xds-control-plane"},
+                        },
+                        "addressType": "IPv4",
+                        "ports": [
+                            {"name": "http-admin", "port": ports.admin},
+                            {"name": "grpc-xds", "port": ports.xds},
+                        ],
+                        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}}],
+                    },
+                )
+            config = str(kubeconfig(tmp_path / "kubeconfig", api.url))
+            found = await status(
+                "--kubernetes-service", "xds-system/xds-control-plane", "--kubeconfig", config,
+                "-o", "json",
+            )  # fmt: skip
+            assert found.returncode == 0, found.stderr
+            # Both replicas were asked (no proxy is connected: an empty list each).
+            assert json.loads(found.stdout) == []
+            table = await status(
+                "--kubernetes-service", "xds-system/xds-control-plane", "--kubeconfig", config
+            )
+            assert table.returncode == 0 and table.stdout.strip() == "no proxies connected"
+            # Both replicas are asked: the one that stops is said, the other still read.
+            await planes[1].stop()
+            partial = await status(
+                "--kubernetes-service", "xds-system/xds-control-plane", "--kubeconfig", config
+            )
+            assert partial.returncode == 1
+            assert f"cannot read http://{admins[1]}/debug/syncz" in partial.stderr
+            assert f"http://{admins[0]}/" not in partial.stderr
+            wrong = await status(
+                "--kubernetes-service", "xds-system/nothing-here", "--kubeconfig", config
+            )
+            assert wrong.returncode == 1
+            assert "no ready endpoint of Service xds-system/nothing-here" in wrong.stderr
+            assert "--admin-host 0.0.0.0" in wrong.stderr
+    finally:
+        for plane in planes:
+            await plane.stop()

@@ -401,6 +401,39 @@ def endpoint_slices_served(api: client.ApiClient) -> bool:
     return any(r.name == "endpointslices" for r in resources.resources)
 
 
+def service_addresses(
+    settings: KubeSettings, namespace: str, service: str, port_name: str
+) -> list[str]:
+    """HOST:PORT of every ready endpoint of a Service's named port, from its EndpointSlices: how
+    `xds status --kubernetes-service` finds every replica of the control plane. ConfigError when
+    the client cannot be configured, OSError when the API refuses or cannot be reached."""
+    api = client.DiscoveryV1Api(api_client(settings))
+    try:
+        slices = api.list_namespaced_endpoint_slice(
+            namespace,
+            label_selector=f"kubernetes.io/service-name={service}",
+            _request_timeout=(settings.connect_timeout_s, 10.0),
+        )
+    except ApiException as exc:
+        raise OSError(
+            f"cannot list the EndpointSlices of Service {namespace}/{service}: "
+            f"{exc.status} {exc.reason}"
+        ) from None
+    except urllib3.exceptions.HTTPError as exc:
+        raise OSError(f"cannot reach the Kubernetes API: {exc}") from None
+    found: list[str] = []
+    for endpoint_slice in slices.items:
+        ports = [p.port for p in endpoint_slice.ports or () if p.name == port_name and p.port]
+        for endpoint in endpoint_slice.endpoints or ():
+            ready = endpoint.conditions is None or endpoint.conditions.ready is not False
+            if not ready:
+                continue
+            for address in endpoint.addresses or ():
+                host = f"[{address}]" if ":" in address else address
+                found.extend(f"{host}:{port}" for port in ports)
+    return sorted(set(found))
+
+
 # The well-known topology labels of a Node.
 REGION_LABEL = "topology.kubernetes.io/region"
 ZONE_LABEL = "topology.kubernetes.io/zone"
