@@ -131,21 +131,21 @@ class ClusterSet:
     def dropped(self) -> list[str]:
         return [c.name for c in self._clusters if c.dropped]
 
+    def _health_now(self, cluster: _Cluster, now: float) -> tuple[float | None, bool]:
+        """Since when a cluster's source fails (None: it works) and whether its endpoints are
+        dropped for it, as its health says now."""
+        if not cluster.source.health.unready():
+            return None, False
+        since = now if cluster.failing_since is None else cluster.failing_since
+        dropped = self.stale_after_s is not None and now - since >= self.stale_after_s
+        return since, dropped
+
     def _look_at_health(self) -> set[str]:
         """Notes which clusters fail since when; returns those dropped or restored by it."""
         moved: set[str] = set()
         now = self._clock()
         for cluster in self._clusters:
-            if cluster.source.health.unready():
-                if cluster.failing_since is None:
-                    cluster.failing_since = now
-            else:
-                cluster.failing_since = None
-            dropped = (
-                cluster.failing_since is not None
-                and self.stale_after_s is not None
-                and now - cluster.failing_since >= self.stale_after_s
-            )
+            cluster.failing_since, dropped = self._health_now(cluster, now)
             if dropped != cluster.dropped:
                 cluster.dropped = dropped
                 moved.add(cluster.name)
@@ -253,16 +253,12 @@ class ClusterSet:
         async def limits() -> None:
             while True:
                 await asyncio.sleep(STALE_CHECK_S)
+                now = self._clock()
                 for cluster in self._clusters:
-                    failing = bool(cluster.source.health.unready())
-                    crossing = (
-                        failing
-                        and cluster.failing_since is not None
-                        and self.stale_after_s is not None
-                        and self._clock() - cluster.failing_since >= self.stale_after_s
-                    )
-                    noticed = cluster.failing_since is not None
-                    if crossing != cluster.dropped or failing != noticed:
+                    since, dropped = self._health_now(cluster, now)
+                    if dropped != cluster.dropped or (since is None) != (
+                        cluster.failing_since is None
+                    ):
                         notify()
                         break
 
