@@ -72,19 +72,10 @@ class ControlPlane:
                 lambda: (clusters.names, clusters.stale(), clusters.dropped())
             )
         elif settings.kubernetes:
-            # Imported here: the kubernetes client is slow to import and manifests don't need it.
-            from xds.sources.kube import KubeSettings, KubeSource
-
-            self.source = KubeSource(
-                KubeSettings(
-                    kubeconfig=settings.kubeconfig,
-                    context=settings.kube_context,
-                    namespaces=settings.namespaces,
-                    watch_timeout_s=settings.kube_watch_timeout_s,
-                    read_timeout_s=settings.kube_read_timeout_s,
-                ),
-                on_relist=self.metrics.relisted,
-                health=SourceHealth("kubernetes", on_error=self.metrics.source_error),
+            self.source = self._kube_source(
+                settings,
+                settings.kube_context,
+                SourceHealth("kubernetes", on_error=self.metrics.source_error),
             )
         else:
             self.source = ManifestSource(
@@ -148,25 +139,32 @@ class ControlPlane:
         self._health: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
+    def _kube_source(
+        self, settings: Settings, context: str | None, health: SourceHealth
+    ) -> KubeSource:
+        """The Kubernetes API of one kubeconfig context (None: the default) as a source."""
+        # Imported here: the kubernetes client is slow to import and manifests don't need it.
+        from xds.sources.kube import KubeSettings, KubeSource
+
+        return KubeSource(
+            KubeSettings(
+                kubeconfig=settings.kubeconfig,
+                context=context,
+                namespaces=settings.namespaces,
+                watch_timeout_s=settings.kube_watch_timeout_s,
+                read_timeout_s=settings.kube_read_timeout_s,
+            ),
+            on_relist=self.metrics.relisted,
+            health=health,
+        )
+
     def _cluster_set(self, settings: Settings) -> ClusterSet:
         members: list[tuple[str, Member, Watch]] = []
         for cluster in settings.clusters:
             health = SourceHealth(f"cluster {cluster.name}", on_error=self.metrics.source_error)
             self.metrics.expect_source(health.source)
             if cluster.kube_context is not None:
-                from xds.sources.kube import KubeSettings, KubeSource
-
-                kube = KubeSource(
-                    KubeSettings(
-                        kubeconfig=settings.kubeconfig,
-                        context=cluster.kube_context,
-                        namespaces=settings.namespaces,
-                        watch_timeout_s=settings.kube_watch_timeout_s,
-                        read_timeout_s=settings.kube_read_timeout_s,
-                    ),
-                    on_relist=self.metrics.relisted,
-                    health=health,
-                )
+                kube = self._kube_source(settings, cluster.kube_context, health)
                 members.append((cluster.name, kube, kube.watch))
             else:
                 files = ManifestSource(list(cluster.manifests), health=health)
