@@ -30,21 +30,26 @@ async def status(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def replica() -> ControlPlane:
+    """A replica of the control plane on the demo's manifests, its ports its own."""
+    return ControlPlane(
+        Settings(
+            manifests=(DEMO,),
+            xds_port=0,
+            admin_port=0,
+            listener_address="127.0.0.1",
+            listener_port_offset=free_port_offset([80]),
+            allowed_endpoint_ranges=LOOPBACK,
+        )
+    )
+
+
 async def test_status_shows_every_proxy_of_every_replica(tmp_path: Path):
     planes = []
     envoys = []
     try:
         for index in range(2):
-            plane = ControlPlane(
-                Settings(
-                    manifests=(DEMO,),
-                    xds_port=0,
-                    admin_port=0,
-                    listener_address="127.0.0.1",
-                    listener_port_offset=free_port_offset([80]),
-                    allowed_endpoint_ranges=LOOPBACK,
-                )
-            )
+            plane = replica()
             ports = await plane.start()
             planes.append((plane, f"127.0.0.1:{ports.admin}"))
             envoy = Envoy(f"127.0.0.1:{ports.xds}", node_id=f"proxy-{index}", workdir=tmp_path)
@@ -130,16 +135,7 @@ async def test_status_finds_the_replicas_behind_the_control_planes_service(tmp_p
     try:
         with KubeAPIServer() as api:
             for index in range(2):
-                plane = ControlPlane(
-                    Settings(
-                        manifests=(DEMO,),
-                        xds_port=0,
-                        admin_port=0,
-                        listener_address="127.0.0.1",
-                        listener_port_offset=free_port_offset([80]),
-                        allowed_endpoint_ranges=LOOPBACK,
-                    )
-                )
+                plane = replica()
                 ports = await plane.start()
                 planes.append(plane)
                 admins.append(f"127.0.0.1:{ports.admin}")
