@@ -5,6 +5,7 @@ that a watcher sees one change)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,22 @@ def endpoint_slice(
     namespace: str = "default",
     name: str | None = None,
     port_name: str = "http",
+    draining: Collection[str] = (),
+    zones: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """An IPv4 EndpointSlice of a Service, every address ready, on one port."""
+    """An IPv4 EndpointSlice of a Service on one port: every address ready, but those `draining`
+    (terminating, still serving), each in its zone of `zones` when given."""
+    endpoints: list[dict[str, Any]] = []
+    for address in addresses:
+        endpoint: dict[str, Any] = {"addresses": [address]}
+        if zones is not None:
+            endpoint["zone"] = zones[address]
+        endpoint["conditions"] = (
+            {"ready": False, "serving": True, "terminating": True}
+            if address in draining
+            else {"ready": True}
+        )
+        endpoints.append(endpoint)
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
@@ -60,7 +75,7 @@ def endpoint_slice(
         },
         "addressType": "IPv4",
         "ports": [{"name": port_name, "port": port, "protocol": "TCP"}],
-        "endpoints": [{"addresses": [a], "conditions": {"ready": True}} for a in addresses],
+        "endpoints": endpoints,
     }
 
 

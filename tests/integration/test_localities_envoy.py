@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.integration.conftest import LOOPBACK, write_manifests
+from tests.integration.conftest import LOOPBACK, endpoint_slice, service, write_manifests
 from xds.app import ControlPlane
 from xds.config import Settings
 from xds.local import (
@@ -36,39 +36,19 @@ CONSECUTIVE_5XX = 3
 
 
 def manifests(port: int, names: list[str], draining: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Service web.shop (PreferClose) and its EndpointSlice, each endpoint in its zone."""
+    addresses = [address(n) for n in names]
     return [
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "web", "namespace": "shop"},
-            "spec": {
-                "trafficDistribution": "PreferClose",
-                "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http"}],
-            },
-        },
-        {
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": "web-1",
-                "namespace": "shop",
-                "labels": {"kubernetes.io/service-name": "web"},
-            },
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": port}],
-            "endpoints": [
-                {
-                    "addresses": [address(n)],
-                    "zone": ZONE_OF[n],
-                    "conditions": (
-                        {"ready": False, "serving": True, "terminating": True}
-                        if n in draining
-                        else {"ready": True}
-                    ),
-                }
-                for n in names
-            ],
-        },
+        service("web", SERVICE_PORT, "shop", trafficDistribution="PreferClose"),
+        endpoint_slice(
+            "web",
+            addresses,
+            port,
+            "shop",
+            name="web-1",
+            draining=[address(n) for n in draining],
+            zones={address(n): ZONE_OF[n] for n in names},
+        ),
     ]
 
 

@@ -20,7 +20,7 @@ import aiohttp
 import grpc
 import pytest
 
-from tests.integration.conftest import LOOPBACK, write_manifests
+from tests.integration.conftest import LOOPBACK, endpoint_slice, service, write_manifests
 from xds.app import ControlPlane
 from xds.bootstrap import grpc_bootstrap
 from xds.config import Settings
@@ -36,33 +36,17 @@ NAMES = ["b1", "b2", "b3", "b4"]
 
 def manifests(backend_port: int, ready: list[str], draining: tuple[str, ...] = ()) -> list[dict]:
     """Service echo.demo (a `grpc` port, ClusterIP 10.96.0.10) and its EndpointSlice."""
-    endpoints = [{"addresses": [a], "conditions": {"ready": True}} for a in ready]
-    endpoints += [
-        {"addresses": [a], "conditions": {"ready": False, "serving": True, "terminating": True}}
-        for a in draining
-    ]
     return [
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "echo", "namespace": "demo"},
-            "spec": {
-                "clusterIP": "10.96.0.10",
-                "ports": [{"name": "grpc", "port": SERVICE_PORT, "targetPort": "grpc"}],
-            },
-        },
-        {
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": "echo-1",
-                "namespace": "demo",
-                "labels": {"kubernetes.io/service-name": "echo"},
-            },
-            "addressType": "IPv4",
-            "ports": [{"name": "grpc", "port": backend_port}],
-            "endpoints": endpoints,
-        },
+        service("echo", SERVICE_PORT, "demo", cluster_ip="10.96.0.10", port_name="grpc"),
+        endpoint_slice(
+            "echo",
+            [*ready, *draining],
+            backend_port,
+            "demo",
+            name="echo-1",
+            port_name="grpc",
+            draining=draining,
+        ),
     ]
 
 

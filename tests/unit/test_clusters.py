@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from tests import factories
 from xds.config import Settings
 from xds.localities import Locality, for_locality
 from xds.model import Mesh, Problem, ServiceKey
@@ -22,30 +21,16 @@ WEB = ServiceKey("shop", "web")
 
 def documents(addresses: list[str], zone: str, port: int = 80, **spec: Any) -> list[dict[str, Any]]:
     return [
-        {
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {"name": "web", "namespace": "shop"},
-            "spec": {"ports": [{"name": "http", "port": port}], **spec},
-        },
-        {
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": "web-1",
-                "namespace": "shop",
-                "labels": {"kubernetes.io/service-name": "web"},
-            },
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "port": 8080}],
-            "endpoints": [{"addresses": [a], "zone": zone} for a in addresses],
-        },
+        factories.service("web", port, "shop", **spec),
+        factories.endpoint_slice(
+            "web", addresses, namespace="shop", name="web-1", zones=dict.fromkeys(addresses, zone)
+        ),
     ]
 
 
 def write(directory: Path, docs: list[dict[str, Any]]) -> None:
     directory.mkdir(exist_ok=True)
-    (directory / "web.yaml").write_text(yaml.safe_dump_all(docs))
+    factories.write_manifests(directory / "web.yaml", *docs)
 
 
 def two_clusters(tmp_path: Path) -> tuple[ClusterSet, dict[str, ManifestSource]]:
