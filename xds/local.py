@@ -21,7 +21,7 @@ import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import aiohttp
 import grpc
@@ -182,18 +182,39 @@ class Backend:
             self._runner = None
 
 
+def backends(
+    names: list[str], port: int | None = None
+) -> contextlib.AbstractAsyncContextManager[list[Backend]]:
+    """HTTP backends on 127.0.0.1, 127.0.0.2, ... all on one port, like pods of one Deployment."""
+    return _on_loopback(Backend, names, port)
+
+
+class _Server(Protocol):
+    async def start(self) -> Any: ...
+
+    async def stop(self) -> None: ...
+
+
+_S = TypeVar("_S", bound=_Server)
+
+
 @contextlib.asynccontextmanager
-async def backends(names: list[str], port: int | None = None) -> AsyncIterator[list[Backend]]:
-    """Backends on 127.0.0.1, 127.0.0.2, ... all on one port, like pods of one Deployment."""
+async def _on_loopback(
+    kind: Callable[[str, str, int], _S], names: list[str], port: int | None
+) -> AsyncIterator[list[_S]]:
+    """Servers of one kind named `names` on 127.0.0.1, 127.0.0.2, ..., all on one port (a free
+    one unless given), stopped on the way out."""
     port = port or free_port()
-    started = []
+    started: list[_S] = []
     try:
         for index, name in enumerate(names, start=1):
-            started.append(await Backend(name, f"127.0.0.{index}", port).start())
+            server = kind(name, f"127.0.0.{index}", port)
+            await server.start()
+            started.append(server)
         yield started
     finally:
-        for backend in started:
-            await backend.stop()
+        for server in started:
+            await server.stop()
 
 
 # The one method of the gRPC backends: the request is ignored, the answer is the backend's name.
@@ -239,20 +260,11 @@ def _raw(data: bytes) -> bytes:
     return data
 
 
-@contextlib.asynccontextmanager
-async def grpc_backends(
+def grpc_backends(
     names: list[str], port: int | None = None
-) -> AsyncIterator[list[GrpcBackend]]:
+) -> contextlib.AbstractAsyncContextManager[list[GrpcBackend]]:
     """gRPC backends on 127.0.0.1, 127.0.0.2, ... all on one port, like pods of one Deployment."""
-    port = port or free_port()
-    started = []
-    try:
-        for index, name in enumerate(names, start=1):
-            started.append(await GrpcBackend(name, f"127.0.0.{index}", port).start())
-        yield started
-    finally:
-        for backend in started:
-            await backend.stop()
+    return _on_loopback(GrpcBackend, names, port)
 
 
 class Envoy:
